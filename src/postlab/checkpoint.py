@@ -1,0 +1,111 @@
+"""Checkpoints and atomic files. Everything is written under a temporary name and renamed into
+place, so a killed process leaves either the old file or the new one, never half of one.
+Weights are safetensors; optimizer/RNG state loads with torch.load(weights_only=True)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ModelError
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: unreadable ({e}); delete it to start that part again") from None
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a fully written directory into place. A crash in between leaves `final.old`, which
+    `existing_dir` picks up."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def existing_dir(final: Path) -> Path | None:
+    if (final / "state.json").is_file() or (final / "config.json").is_file() or (final / "adapter_config.json").is_file():
+        return final
+    old = final.with_name(final.name + ".old")
+    return old if old.is_dir() else None
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
+    """Trainable weights, optimizer, scheduler and RNG state, plus `state` (progress counters)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+               tmp / "trainer_state.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    replace_dir(tmp, path)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    found = existing_dir(path)
+    if found is None:
+        raise ModelError(f"{path}: no checkpoint to resume from")
+    try:
+        weights = load_file(str(found / "trainable.safetensors"), device=str(next(model.parameters()).device))
+        trainer = torch.load(found / "trainer_state.pt", weights_only=True, map_location="cpu")
+        state = json.loads((found / "state.json").read_text())
+    except Exception as e:  # noqa: BLE001 - any corruption becomes one clear message
+        raise ModelError(f"{found}: corrupt checkpoint ({type(e).__name__}: {e}); delete it to restart "
+                         f"the stage from its beginning") from None
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        raise ModelError(f"{found}: checkpoint holds other parameters than this stage trains "
+                         f"({len(set(weights) ^ expected)} differ): was the config changed?")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for n, t in weights.items():
+            params[n].copy_(t)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"]["torch"])
+    random.setstate(_as_tuple(trainer["rng"]["python"]))
+    if "cuda" in trainer["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
+    return state
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,159 @@
+"""The `postlab` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import PostlabError
+
+log = logging.getLogger("postlab")
+
+
+def _setup_logging(verbose: bool) -> None:
+    import transformers
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .run import run
+
+    overrides = list(a.overrides) + ([f"output_dir={a.output_dir}"] if a.output_dir else [])
+    cfg = load_run_config(a.config, overrides)
+    result = run(cfg, resume=a.resume)
+    print(summary(result, cfg.output_dir))
+    return 0
+
+
+def summary(result: dict, out: str) -> str:
+    lines = [f"run {result['run_id']} done in {result['wall_s']:.0f}s on {result.get('device')}; outputs in {out}"]
+    for s in result["stages"]:
+        shown = {k: round(v, 4) for k, v in s["metrics"].items() if not k.startswith("majority_") and k != "n"}
+        lines.append(f"  stage {s['name']} ({s['objective']}, {s['parameterization']}): {s['steps']} steps, "
+                     f"{s['wall_s']:.0f}s, dev {shown}")
+    return "\n".join(lines)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .config import TaskConfig
+    from .models import load_lm
+    from .tasks import get_task
+
+    lm = load_lm(a.checkpoint, a.device, a.precision, max_length=a.max_length)
+    fields = {"name": a.task, "dev": a.dev, "dev_reference": a.dev_reference, "dev_limit": a.dev_limit}
+    task = get_task(TaskConfig(**{k: v for k, v in fields.items() if v is not None}))
+    metrics = task.evaluate(lm, Path(a.out) if a.out else None, a.batch_size)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .config import GenerationConfig
+    from .generate import generate
+    from .models import load_lm
+
+    lm = load_lm(a.checkpoint, a.device, a.precision)
+    prompts = a.prompt or []
+    if a.prompt_file:
+        prompts += [p for p in Path(a.prompt_file).read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    if not prompts:
+        raise PostlabError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    gen = GenerationConfig(greedy=a.greedy, temperature=a.temperature, top_p=a.top_p,
+                           max_new_tokens=a.max_new_tokens, seed=a.seed)
+    for p, c in zip(prompts, generate(lm, prompts, gen)):
+        print(p + c)
+        print("-" * 40)
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .models import load_lm
+    from .parameterization import is_peft
+    from .run import save_model
+
+    lm = load_lm(a.checkpoint, "cpu", "fp32")
+    if a.merge and is_peft(lm.model):
+        lm.model = lm.model.merge_and_unload()
+    elif not a.merge and is_peft(lm.model):
+        log.info("exporting the adapter as-is (add --merge for a full checkpoint)")
+    save_model(lm, Path(a.out))
+    print(f"wrote {a.out}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import demo
+
+    return demo(a.data, a.output_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="postlab", description="Post-train small language models and study the recipes.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a run (one or more stages) from a YAML config")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=1e-4 task.train_limit=200")
+    t.add_argument("--resume", action="store_true", help="continue a stopped run in its output_dir")
+    t.add_argument("--output-dir")
+    t.set_defaults(fn=cmd_train)
+
+    def model_args(q):
+        q.add_argument("checkpoint", help="embedded name (smollm2-135m), model dir, adapter dir, or hub id")
+        q.add_argument("--device", default="auto")
+        q.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a task's dev set")
+    model_args(e)
+    e.add_argument("--task", required=True)
+    e.add_argument("--dev")
+    e.add_argument("--dev-reference")
+    e.add_argument("--dev-limit", type=int)
+    e.add_argument("--max-length", type=int)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--out", help="directory for predictions / generated text")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="sample continuations of prompts")
+    model_args(g)
+    g.add_argument("--prompt", action="append")
+    g.add_argument("--prompt-file", help="prompts separated by blank lines")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--greedy", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+
+    x = sub.add_parser("export", help="write a Hugging Face checkpoint (merging a LoRA adapter with --merge)")
+    x.add_argument("checkpoint")
+    x.add_argument("--out", required=True)
+    x.add_argument("--merge", action="store_true")
+    x.set_defaults(fn=cmd_export)
+
+    d = sub.add_parser("demo", help="the main job on the embedded model and the shared data")
+    d.add_argument("--data", default="../shared/data")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except PostlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130

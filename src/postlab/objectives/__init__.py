@@ -1,0 +1,108 @@
+"""Objectives: pure functions from per-token log-probs and masks to a loss plus metrics.
+
+An objective never sees a model. The training loop computes the log-probs it declares it needs
+(policy always; cached reference or teacher log-probs when ``needs_reference``/``needs_teacher``)
+and calls it. Adding an objective is a small file with a ``@register`` call, imported below.
+
+Two shapes of input:
+  * ``kind="sft"``: a :class:`TokenLogps` for a batch of completions.
+  * ``kind="preference"``: a :class:`PairLogps` (chosen and rejected completions of the same prompts).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import ConfigError
+
+
+@dataclass
+class TokenLogps:
+    """Per-token log-probs of completion tokens, right-padded to [batch, tokens].
+
+    ``policy`` carries gradients; ``reference``/``teacher`` are cached constants (same shape) or None.
+    ``mask`` is True at real completion tokens.
+    """
+
+    policy: torch.Tensor
+    mask: torch.Tensor
+    reference: torch.Tensor | None = None
+    teacher: torch.Tensor | None = None
+
+    def sum(self, which: str = "policy") -> torch.Tensor:
+        """Sequence log-prob: sum over completion tokens -> [batch]."""
+        return (getattr(self, which) * self.mask).sum(-1)
+
+    def mean(self, which: str = "policy") -> torch.Tensor:
+        """Length-averaged sequence log-prob -> [batch]."""
+        return self.sum(which) / self.mask.sum(-1).clamp(min=1)
+
+    @property
+    def n_tokens(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+
+@dataclass
+class PairLogps:
+    chosen: TokenLogps
+    rejected: TokenLogps
+
+
+class ObjectiveArgs(BaseModel):
+    """Base for an objective's knobs; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    fn: LossFn  # fn(inputs, args) -> (scalar loss, {metric name: scalar tensor})
+    args: type[ObjectiveArgs]
+    kind: Literal["sft", "preference"]
+    needs_reference: bool = False
+    needs_teacher: bool = False
+    doc: str = field(default="")
+
+
+REGISTRY: dict[str, ObjectiveSpec] = {}
+
+
+def register(name: str, *, args: type[ObjectiveArgs] = ObjectiveArgs, kind: Literal["sft", "preference"],
+             needs_reference: bool = False, needs_teacher: bool = False) -> Callable[[LossFn], LossFn]:
+    def deco(fn: LossFn) -> LossFn:
+        if name in REGISTRY:
+            raise ValueError(f"objective {name!r} registered twice")
+        REGISTRY[name] = ObjectiveSpec(name, fn, args, kind, needs_reference, needs_teacher, (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def get_objective(name: str) -> ObjectiveSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"objective: unknown name {name!r}; choose one of {sorted(REGISTRY)}") from None
+
+
+def parse_args(spec: ObjectiveSpec, raw: dict) -> ObjectiveArgs:
+    from pydantic import ValidationError
+
+    try:
+        return spec.args(**raw)
+    except ValidationError as e:
+        from ..config import format_validation_error
+
+        raise ConfigError(format_validation_error(e, prefix=f"objective ({spec.name})")) from None
+
+
+# Importing the modules registers their objectives.
+from . import sft  # noqa: E402,F401
+from . import preference  # noqa: E402,F401

@@ -1,0 +1,164 @@
+"""A run: a list of stages trained one after another in one directory, resumable at any point.
+
+    <output_dir>/config.yaml       the validated config
+    <output_dir>/metrics.jsonl     train and dev records of every stage
+    <output_dir>/<i>-<stage>/      checkpoint/, model/ (final weights), done.json, eval outputs
+    <output_dir>/result.json       written atomically when the last stage is done
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from .cache import cached_token_logps
+from .checkpoint import atomic_write_json, atomic_write_text, read_json
+from .config import RunConfig, StageConfig, dump_config
+from .data import tokenize
+from .errors import ConfigError
+from .models import LM, load_lm
+from .objectives import get_objective, parse_args
+from .parameterization import apply_parameterization, describe, is_peft
+from .tasks import get_task
+from .train import MetricsLog, train_stage
+
+log = logging.getLogger("postlab")
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "postlab_commit": commit or "unknown"}
+
+
+def stage_dir(out: Path, i: int, stage: StageConfig) -> Path:
+    return out / f"{i}-{stage.name}"
+
+
+def stage_items(lm: LM, stage: StageConfig):
+    """The stage's training data, tokenized: prompt/completion examples for SFT objectives,
+    prompt/chosen/rejected pairs for preference objectives."""
+    task = get_task(stage.task)
+    spec = get_objective(stage.objective.name)
+    raw = task.preference_pairs("train") if spec.kind == "preference" else task.train_examples()
+    items, report = tokenize(raw, lm.tokenizer, lm.max_length, stage.task.overlength,
+                             append_eos=task.append_eos, source=f"stage {stage.name} ({stage.task.name} train)")
+    if report.truncated:
+        log.warning("stage %s: %d of %d examples were longer than %d tokens; their prompts were truncated",
+                    stage.name, report.truncated, report.examples, lm.max_length)
+    return task, spec, items
+
+
+def check_resume(out: Path, cfg: RunConfig, resume: bool) -> None:
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return
+    if not resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another output_dir")
+    if saved.read_text() != dump_config(cfg):
+        raise ConfigError(f"{out}/config.yaml differs from the config given; a run resumes only with the same "
+                          f"config (choose another output_dir to change it)")
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train every stage of `cfg`; returns the result (also written to result.json)."""
+    out = Path(cfg.output_dir)
+    check_resume(out, cfg, resume)
+    if (out / "result.json").is_file():
+        log.info("%s: run already complete", out)
+        return read_json(out / "result.json")
+    for s in cfg.stages:  # fail on a bad objective/task name before any model loads
+        parse_args(get_objective(s.objective.name), s.objective.args)
+        get_task(s.task)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    metrics = MetricsLog(out / "metrics.jsonl")
+    t0 = time.perf_counter()
+    m = cfg.model
+    lm = load_lm(m.name, m.device, m.precision, m.trust_remote_code, m.max_length)
+    pending: Path | None = None  # final model of the last completed stage, loaded only if needed
+    stages = []
+    for i, stage in enumerate(cfg.stages):
+        sdir = stage_dir(out, i, stage)
+        if (sdir / "done.json").is_file():
+            stages.append(read_json(sdir / "done.json"))
+            pending = sdir / "model"
+            continue
+        if pending is not None:
+            lm = load_lm(str(pending), m.device, m.precision, m.trust_remote_code, m.max_length)
+            pending = None
+        stages.append(run_stage(lm, cfg, i, stage, sdir, metrics, last=i == len(cfg.stages) - 1))
+    result = {"run_id": out.name, "metrics": stages[-1]["metrics"], "stages": stages,
+              "wall_s": round(time.perf_counter() - t0, 2), "device": stages[-1].get("device"),
+              "versions": versions()}
+    atomic_write_json(out / "result.json", result)
+    return result
+
+
+def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, metrics: MetricsLog,
+              last: bool = True) -> dict:
+    torch.manual_seed(cfg.seed + i)  # LoRA init is part of the seeded run
+    had_adapter = is_peft(lm.model)
+    lm.model = apply_parameterization(lm.model, stage.parameterization)
+    if had_adapter and not (stage.parameterization.method == "lora" and stage.parameterization.adapter == "continue"):
+        # The earlier adapter was merged: this stage's base exists only in memory, so write it out
+        # (a new adapter must name a base that loads from disk).
+        base = lm.model.get_base_model() if is_peft(lm.model) else lm.model
+        base.save_pretrained(sdir / "base", safe_serialization=True)
+        lm.tokenizer.save_pretrained(sdir / "base")
+        lm.source = str(sdir / "base")
+    log.info("stage %s: %s, objective %s, %s", stage.name, stage.parameterization.method, stage.objective.name,
+             describe(lm.model))
+    task, spec, items = stage_items(lm, stage)
+    args = parse_args(spec, stage.objective.args)
+    reference = None
+    if spec.needs_reference:
+        if stage.reference == "base":
+            base = load_lm(cfg.model.name, cfg.model.device, cfg.model.precision, cfg.model.trust_remote_code)
+            reference = cached_token_logps(base, items, "reference", stage.eval_batch_size)
+            del base
+        else:
+            reference = cached_token_logps(lm, items, "reference", stage.eval_batch_size)
+    sdir.mkdir(parents=True, exist_ok=True)
+
+    def evaluate() -> dict[str, float]:
+        return task.evaluate(lm, sdir / "eval", stage.eval_batch_size)
+
+    summary = train_stage(lm, stage, spec, args, items, sdir, cfg.seed * 100 + i, metrics, evaluate, reference)
+    if stage.save_model or not last:  # later stages (and their resumption) start from this model
+        save_model(lm, sdir / "model")
+        if not is_peft(lm.model):
+            lm.source = str(sdir / "model")
+    done = {"name": stage.name, "objective": stage.objective.name, "parameterization": stage.parameterization.method,
+            "examples": len(items), **summary}
+    atomic_write_json(sdir / "done.json", done)
+    return done
+
+
+def save_model(lm: LM, path: Path) -> None:
+    """HF format: a full checkpoint (FFT) or a PEFT adapter whose base path points at the base model."""
+    import shutil
+    import tempfile
+
+    from .checkpoint import replace_dir
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=path.parent))
+    if is_peft(lm.model):
+        for c in lm.model.peft_config.values():
+            c.base_model_name_or_path = lm.source
+    lm.model.save_pretrained(tmp, safe_serialization=True)
+    lm.tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, path)
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,72 @@
+"""Tasks turn raw data into prompt/completion examples (and preference pairs) and own their metrics.
+
+Register a task with ``@register_task``; a stage names it in ``task.name``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+from ..config import TaskConfig
+from ..data import Example, Pair
+from ..errors import ConfigError, DataError
+from ..models import LM
+
+
+def data_dir() -> Path:
+    """Where the shared data lives: $POSTLAB_DATA, else ../shared/data next to the checkout."""
+    return Path(os.environ.get("POSTLAB_DATA", "../shared/data"))
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: {what} not found (paths are relative to the current directory)")
+    if p.stat().st_size == 0:
+        raise DataError(f"{p}: {what} is empty")
+    return p
+
+
+class Task:
+    name: ClassVar[str]
+    append_eos: ClassVar[bool] = True  # end completions with EOS (generative tasks learn to stop)
+    primary_metric: ClassVar[str]
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+
+    def train_examples(self) -> list[Example]:
+        raise NotImplementedError
+
+    def dev_examples(self) -> list[Example]:
+        raise NotImplementedError
+
+    def preference_pairs(self, split: str = "train") -> list[Pair]:
+        raise ConfigError(f"task {self.name!r} has no preference pairs of its own; use task.name: file "
+                          f"with a prompt/chosen/rejected file")
+
+    def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
+        raise NotImplementedError
+
+    @staticmethod
+    def limit(items: list, n: int | None) -> list:
+        return items if n is None else items[:n]
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(cfg: TaskConfig) -> Task:
+    if cfg.name not in TASKS:
+        raise ConfigError(f"task.name: unknown task {cfg.name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[cfg.name](cfg)
+
+
+from . import paraphrase  # noqa: E402,F401
+from . import sonnets, files  # noqa: E402,F401

@@ -1,0 +1,134 @@
+"""Paraphrase detection on Quora question pairs, cloze style: the answer is one token, " yes" or " no".
+
+Prediction compares the two label tokens' logits at the answer position (one row of logits).
+Reads our TSV (id, sentence1, sentence2, is_duplicate) or the hub's GLUE qqp columns
+(question1, question2, label), from a local file or a hub dataset id.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from ..data import Example, Pair, tokenize
+from ..errors import DataError
+from ..logprobs import score_all
+from ..models import LM
+from . import Task, data_dir, register_task, require_file
+
+TEMPLATE = 'Question 1: "{q1}"\nQuestion 2: "{q2}"\nDo these two questions ask the same thing? Answer:'
+LABELS = {1: " yes", 0: " no"}
+COLUMN_SETS = [("sentence1", "sentence2", "is_duplicate"), ("question1", "question2", "label")]
+
+
+def read_pairs(path: Path) -> list[tuple[str, str, str, int]]:
+    """(id, question 1, question 2, label) from a Quora TSV, with errors naming the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise DataError(f"{path}: empty file; expected a header line id<TAB>sentence1<TAB>sentence2<TAB>is_duplicate")
+    delim = "\t" if "\t" in lines[0] else ("," if "," in lines[0] else "\t")
+    rows = list(csv.reader(lines, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL))
+    header = [h.strip() for h in rows[0]]
+    cols = next((c for c in COLUMN_SETS if all(k in header for k in c)), None)
+    if cols is None:
+        raise DataError(f"{path}: line 1: header {header} lacks the columns {list(COLUMN_SETS[0])} "
+                        f"(or GLUE's {list(COLUMN_SETS[1])}); is the file tab-separated?")
+    i1, i2, il = (header.index(c) for c in cols)
+    iid = header.index("id") if "id" in header else None
+    out = []
+    for n, row in enumerate(rows[1:], start=2):
+        if not row or all(not f.strip() for f in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {n}: {len(row)} fields, expected {len(header)} like the header")
+        label = row[il].strip()
+        if label not in ("0", "1"):
+            raise DataError(f"{path}: line {n}: {cols[2]} must be 0 or 1, got {label!r}")
+        out.append((row[iid] if iid is not None else str(n), row[i1], row[i2], int(label)))
+    if not out:
+        raise DataError(f"{path}: no data rows after the header")
+    return out
+
+
+def read_hub(name: str, split: str) -> list[tuple[str, str, str, int]]:
+    """GLUE qqp from the hub (e.g. `glue/qqp` or `nyu-mll/glue:qqp`); needs network access."""
+    from datasets import load_dataset
+
+    repo, _, subset = name.partition(":")
+    if repo == "glue/qqp":
+        repo, subset = "nyu-mll/glue", "qqp"
+    try:
+        ds = load_dataset(repo, subset or None, split=split)
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
+        raise DataError(f"{name}: cannot load from the hub ({str(e).splitlines()[0]}); pass a local TSV path") from None
+    return [(str(r.get("idx", i)), r["question1"], r["question2"], int(r["label"])) for i, r in enumerate(ds)]
+
+
+@register_task
+class Paraphrase(Task):
+    name = "paraphrase"
+    append_eos = False  # the answer is exactly one token
+    primary_metric = "accuracy"
+
+    def _load(self, split: str) -> list[tuple[str, str, str, int]]:
+        default = data_dir() / "quora" / f"quora-{split}.tsv"
+        src = getattr(self.cfg, split) or str(default)
+        limit = self.cfg.train_limit if split == "train" else self.cfg.dev_limit
+        if not Path(src).exists() and not src.startswith((".", "/")) and "/" in src:
+            rows = read_hub(src, "train" if split == "train" else "validation")
+        else:
+            rows = read_pairs(require_file(src, f"paraphrase {split} file"))
+        return self.limit(rows, limit)
+
+    @staticmethod
+    def prompt(q1: str, q2: str) -> str:
+        return TEMPLATE.format(q1=q1.strip(), q2=q2.strip())
+
+    def train_examples(self) -> list[Example]:
+        return [Example(self.prompt(a, b), LABELS[y], i) for i, a, b, y in self._load("train")]
+
+    def dev_examples(self) -> list[Example]:
+        return [Example(self.prompt(a, b), LABELS[y], i) for i, a, b, y in self._load("dev")]
+
+    def preference_pairs(self, split: str = "train") -> list[Pair]:
+        """Chosen = the correct label token, rejected = the other: parallels the supervised objective."""
+        return [Pair(self.prompt(a, b), LABELS[y], LABELS[1 - y], i) for i, a, b, y in self._load(split)]
+
+    def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
+        rows = self._load("dev")
+        # Score both label tokens as a pair; one row of logits per question pair.
+        pairs = [Pair(self.prompt(a, b), LABELS[1], LABELS[0], i) for i, a, b, _ in rows]
+        items, _ = tokenize(pairs, lm.tokenizer, lm.max_length, "truncate", append_eos=False, source="dev")
+        pred = [0] * len(rows)
+        for idx, logps, _ in score_all(lm, items, batch_size, desc="eval paraphrase"):
+            B = len(idx)
+            yes, no = logps[:B, 0], logps[B:, 0]
+            for j, i in enumerate(idx):
+                pred[i] = int(yes[j] > no[j])
+        gold = [y for *_, y in rows]
+        majority = int(sum(gold) * 2 > len(gold))
+        metrics = {**classification_metrics(gold, pred),
+                   **{f"majority_{k}": v for k, v in classification_metrics(gold, [majority] * len(gold)).items()},
+                   "predicted_yes_rate": sum(pred) / len(pred), "n": float(len(gold))}
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with open(out_dir / "paraphrase_predictions.jsonl", "w") as f:
+                for (i, *_), y, p in zip(rows, gold, pred):
+                    f.write(json.dumps({"id": i, "label": y, "pred": p}) + "\n")
+        return metrics
+
+
+def classification_metrics(gold: list[int], pred: list[int]) -> dict[str, float]:
+    """Accuracy and macro-F1 over the two classes (a class never predicted nor present scores 0)."""
+    acc = sum(g == p for g, p in zip(gold, pred)) / len(gold)
+    f1s = []
+    for c in (0, 1):
+        tp = sum(g == c and p == c for g, p in zip(gold, pred))
+        fp = sum(g != c and p == c for g, p in zip(gold, pred))
+        fn = sum(g == c and p != c for g, p in zip(gold, pred))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": acc, "macro_f1": sum(f1s) / 2}

@@ -1,0 +1,182 @@
+"""Shakespeare sonnet continuation: given the first 3 lines of a sonnet, generate the rest.
+
+Data: Folger-format text files (a header, then each sonnet after a line holding only its number).
+- train: every sonnet as the continuation of its own first 3 lines.
+- dev: the held-out prompts (first 3 lines) paired, by order, with the true complete sonnets.
+
+Text conventions (decided here, used everywhere in this task):
+- Lines are kept as they are in the file, including the two-space indent of the closing couplet
+  (it is part of the sonnet's form and the model can learn it); only trailing whitespace (and the
+  CR of CRLF files) is dropped, and blank lines inside a sonnet are skipped.
+- prompt = the first 3 lines joined with "\\n" plus a trailing "\\n"; completion = the remaining
+  lines joined with "\\n" (EOS appended at tokenization: the model learns where a sonnet ends).
+
+Metrics (`evaluate`):
+- `chrf`: corpus chrF (sacrebleu defaults: chrF2, character 6-grams, whitespace ignored, 0-100
+  scale) of full sonnets, the 3 prompt lines plus at most 11 generated lines (blank lines skipped,
+  cut at a line holding only a number), against the true sonnets. This is the source study's metric; the prompt lines are copied verbatim into every
+  hypothesis, which inflates it.
+- `chrf_continuation`: the same on the generated lines alone against the true lines 4-14 (no credit
+  for the prompt).
+- `perplexity`: exp(total NLL / total tokens) of the true continuations given the first 3 lines,
+  over completion tokens including the appended EOS (so log(perplexity) equals the token-mean dev
+  loss a trainer computes on `dev_examples()`).
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from ..data import Example
+from ..errors import DataError
+from ..generate import generate
+from ..models import LM
+from . import Task, data_dir, register_task, require_file
+
+PROMPT_LINES = 3
+SONNET_LINES = 14
+CONTINUATION_LINES = SONNET_LINES - PROMPT_LINES  # generations are cut after this many lines
+MIN_SONNET_LINES = PROMPT_LINES + 1  # a prompt and at least one line to continue with
+_NUMBER = re.compile(r"[0-9]+")
+
+
+def read_text(path: Path) -> str:
+    """A file's text as UTF-8, with an error naming the line of the first undecodable byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                        f"re-save the file as UTF-8") from None
+
+
+def parse_sonnets(path: str | Path, min_lines: int = MIN_SONNET_LINES) -> list[tuple[int, list[str]]]:
+    """(number, lines) of each sonnet in a Folger-format file, in file order.
+
+    Everything before the first line holding only a number is the header and is ignored. A sonnet's
+    lines run until the next number line; blank lines are skipped, trailing whitespace dropped,
+    leading indentation kept."""
+    path = Path(path)
+    text = read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: empty file; expected a header, then each sonnet after a line holding its number")
+    sonnets: list[tuple[int, list[str]]] = []
+    starts: list[int] = []  # line number of each sonnet's number line
+    seen: dict[int, int] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if _NUMBER.fullmatch(stripped):
+            number = int(stripped)
+            if number in seen:
+                raise DataError(f"{path}: line {n}: sonnet {number} appears twice (first on line {seen[number]})")
+            seen[number] = n
+            sonnets.append((number, []))
+            starts.append(n)
+        elif stripped and sonnets:
+            sonnets[-1][1].append(line.rstrip())
+    if not sonnets:
+        raise DataError(f"{path}: no numbered sonnets found; expected each sonnet after a line holding only "
+                        f"its number (Folger format)")
+    for (number, lines), start in zip(sonnets, starts):
+        if len(lines) < min_lines:
+            raise DataError(f"{path}: line {start}: sonnet {number} has {len(lines)} line(s), expected at "
+                            f"least {min_lines}")
+    return sonnets
+
+
+def prompt_text(lines: list[str]) -> str:
+    return "\n".join(lines[:PROMPT_LINES]) + "\n"
+
+
+def continuation_text(lines: list[str]) -> str:
+    return "\n".join(lines[PROMPT_LINES:])
+
+
+def cut_continuation(generated: str, max_lines: int = CONTINUATION_LINES) -> list[str]:
+    """The first `max_lines` non-blank lines of a generation (trailing whitespace dropped), stopping
+    early at a line holding only a number: the model has moved on to another sonnet."""
+    out: list[str] = []
+    for line in generated.splitlines():
+        if _NUMBER.fullmatch(line.strip()):
+            break
+        if line.strip():
+            out.append(line.rstrip())
+    return out[:max_lines]
+
+
+@register_task
+class Sonnets(Task):
+    name = "sonnets"
+    append_eos = True
+    primary_metric = "chrf"
+
+    def _path(self, key: str) -> Path:
+        defaults = {"train": "sonnets.txt", "dev": "sonnets_held_out_dev.txt",
+                    "dev_reference": "TRUE_sonnets_held_out_dev.txt"}
+        what = {"train": "sonnets train file", "dev": "sonnets dev prompt file",
+                "dev_reference": "sonnets dev reference file"}[key]
+        src = getattr(self.cfg, key) or str(data_dir() / "sonnets" / defaults[key])
+        return require_file(src, what)
+
+    @staticmethod
+    def example(number: int, lines: list[str]) -> Example:
+        return Example(prompt_text(lines), continuation_text(lines), str(number))
+
+    def train_examples(self) -> list[Example]:
+        sonnets = parse_sonnets(self._path("train"))
+        return self.limit([self.example(n, lines) for n, lines in sonnets], self.cfg.train_limit)
+
+    def held_out(self) -> list[tuple[int, list[str]]]:
+        """(number, true lines) of the dev sonnets, checked against the prompt file: same numbers in
+        the same order, and each prompt equal to the first 3 lines of its reference."""
+        prompt_path, ref_path = self._path("dev"), self._path("dev_reference")
+        prompts = parse_sonnets(prompt_path, min_lines=PROMPT_LINES)
+        refs = parse_sonnets(ref_path)
+        if [n for n, _ in prompts] != [n for n, _ in refs]:
+            detail = next(((i, p, r) for i, ((p, _), (r, _)) in enumerate(zip(prompts, refs)) if p != r), None)
+            where = (f"entry {detail[0] + 1} is sonnet {detail[1]} in the prompts but {detail[2]} in the references"
+                     if detail else f"{len(prompts)} prompts but {len(refs)} references")
+            raise DataError(f"{prompt_path} and {ref_path}: prompts and references must hold the same sonnets in "
+                            f"the same order; {where}")
+        for (number, p_lines), (_, r_lines) in zip(prompts, refs):
+            if [s.strip() for s in p_lines[:PROMPT_LINES]] != [s.strip() for s in r_lines[:PROMPT_LINES]]:
+                raise DataError(f"{prompt_path}: sonnet {number}: the prompt lines differ from the first "
+                                f"{PROMPT_LINES} lines of sonnet {number} in {ref_path}")
+        return self.limit(refs, self.cfg.dev_limit)
+
+    def dev_examples(self) -> list[Example]:
+        return [self.example(n, lines) for n, lines in self.held_out()]
+
+    def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
+        import sacrebleu
+
+        from .files import completion_nll
+
+        held = self.held_out()
+        examples = [self.example(n, lines) for n, lines in held]
+        nll, tokens = completion_nll(lm, examples, batch_size, self.cfg.overlength, self.append_eos,
+                                     source=str(self._path("dev_reference")))
+        mean_nll = nll / tokens
+        generated = generate(lm, [ex.prompt for ex in examples], self.cfg.generation, desc="generating sonnets")
+        conts = [cut_continuation(g) for g in generated]
+        hyps = ["\n".join(lines[:PROMPT_LINES] + c) for (_, lines), c in zip(held, conts)]
+        refs = ["\n".join(lines) for _, lines in held]
+        hyp_conts = ["\n".join(c) for c in conts]
+        ref_conts = [continuation_text(lines) for _, lines in held]
+        if out_dir is not None:
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            # The data files' own format (number line, blank, lines, blank): parse_sonnets reads it back.
+            with open(out_dir / "generated_sonnets.txt", "w", encoding="utf-8") as f:
+                for (number, _), text in zip(held, hyps):
+                    f.write(f"{number}\n\n{text}\n\n")
+        return {
+            "chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score),
+            "chrf_continuation": float(sacrebleu.corpus_chrf(hyp_conts, [ref_conts]).score),
+            "perplexity": math.exp(mean_nll) if mean_nll < 700 else float("inf"),
+            "dev_loss": float(mean_nll),
+            "generated_lines": float(sum(len(c) for c in conts) / len(conts)),
+            "n": float(len(held)),
+        }

@@ -1,0 +1,217 @@
+"""The one training loop. It knows nothing of any algorithm: it batches tokenized items, computes
+policy log-probs at scored positions, attaches cached reference/teacher log-probs, and hands them to
+the stage's objective (a pure function) for a loss."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import existing_dir, load_checkpoint, save_checkpoint
+from .config import StageConfig
+from .data import Tokenized, length_grouped_batches, score_batch
+from .errors import TrainingError
+from .logprobs import score
+from .models import LM
+from .objectives import ObjectiveArgs, ObjectiveSpec, PairLogps, TokenLogps
+
+log = logging.getLogger("postlab")
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (flushed per line)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+    def truncate_after(self, stage: str, step: int) -> None:
+        """On resume, drop records of `stage` logged after its checkpoint (they will be logged again)."""
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if rec.get("stage") == stage and rec.get("step", 0) > step:
+                continue
+            keep.append(line)
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def cached_logps(cache: list[list[torch.Tensor]], idx: list[int], n_slots: int) -> torch.Tensor:
+    """Cached per-token log-probs laid out like a score batch's answers (completion-major)."""
+    n_comp = len(cache[idx[0]])
+    out = torch.zeros(n_comp * len(idx), n_slots)
+    for k in range(n_comp):
+        for b, i in enumerate(idx):
+            t = cache[i][k]
+            out[k * len(idx) + b, :len(t)] = t
+    return out
+
+
+def objective_inputs(spec: ObjectiveSpec, logps, mask, n_items: int, reference=None, teacher=None):
+    if spec.kind == "sft":
+        return TokenLogps(logps, mask, reference, teacher)
+
+    def part(x, sl):
+        return None if x is None else x[sl]
+
+    c, r = slice(0, n_items), slice(n_items, 2 * n_items)
+    return PairLogps(TokenLogps(logps[c], mask[c], part(reference, c), part(teacher, c)),
+                     TokenLogps(logps[r], mask[r], part(reference, r), part(teacher, r)))
+
+
+@dataclass
+class Schedule:
+    batches: Callable[[int], list[list[int]]]  # epoch -> micro-batches (lists of item indices)
+    grad_accum: int
+    epochs: int
+    max_steps: int | None
+
+    def groups(self, epoch: int) -> list[list[list[int]]]:
+        b = self.batches(epoch)
+        return [b[s:s + self.grad_accum] for s in range(0, len(b), self.grad_accum)]
+
+    @property
+    def total_steps(self) -> int:
+        per_epoch = len(self.groups(0))
+        return min(per_epoch * self.epochs, self.max_steps or 10**12)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: StageConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]  # no optimizer state for frozen weights
+    o = cfg.optim
+    try:
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[o.schedule]
+    sched = get_scheduler(name, opt, num_warmup_steps=int(o.warmup_ratio * total_steps), num_training_steps=total_steps)
+    return opt, sched
+
+
+def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveArgs, items: list[Tokenized],
+                stage_dir: Path, seed: int, metrics: MetricsLog, evaluate: Callable[[], dict[str, float]],
+                reference: list[list[torch.Tensor]] | None = None,
+                teacher: list[list[torch.Tensor]] | None = None) -> dict:
+    """Train `lm.model` in place on `items` with `spec`; resumes from `stage_dir/checkpoint` when
+    present. Returns a summary (steps, tokens, wall time, peak memory, last losses, eval metrics)."""
+    model, device = lm.model, lm.device
+    lengths = [it.length for it in items]
+    schedule = Schedule(lambda e: length_grouped_batches(lengths, cfg.optim.batch_size, seed * 1000 + e,
+                                                         cfg.group_by_length),
+                        cfg.optim.grad_accum, cfg.epochs, cfg.max_steps)
+    total = schedule.total_steps
+    opt, sched = make_optimizer(model, cfg, total)
+    ckpt = stage_dir / "checkpoint"
+    step, epoch, group0, tokens, wall0 = 0, 0, 0, 0, 0.0
+    last_eval: dict[str, float] = {}
+    if existing_dir(ckpt) is not None:
+        state = load_checkpoint(ckpt, model, opt, sched)
+        step, epoch, group0, tokens, wall0 = (state["step"], state["epoch"], state["group"], state["tokens"], state["wall_s"])
+        last_eval = state.get("last_eval", {})
+        metrics.truncate_after(cfg.name, step)
+        log.info("stage %s: resuming at step %d/%d (epoch %d)", cfg.name, step, total, epoch + 1)
+    else:
+        torch.manual_seed(seed)
+
+    t_start = time.perf_counter() - wall0
+
+    def checkpoint(ep: int, group: int) -> None:
+        save_checkpoint(ckpt, model, opt, sched, {"step": step, "epoch": ep, "group": group, "tokens": tokens,
+                                                  "wall_s": time.perf_counter() - t_start, "last_eval": last_eval})
+
+    def run_eval(ep_float: float) -> None:
+        nonlocal last_eval
+        t = time.perf_counter()
+        last_eval = evaluate()
+        metrics.write({"stage": cfg.name, "split": "dev", "step": step, "epoch": round(ep_float, 4),
+                       "eval_s": round(time.perf_counter() - t, 2), **last_eval})
+
+    if step == 0 and cfg.eval_at_start:
+        run_eval(0.0)
+    model.train()
+    pad = lm.tokenizer.pad_token_id
+    bar = tqdm(total=total, initial=step, desc=f"{cfg.name} ({spec.name})", unit="step", dynamic_ncols=True)
+    grad_norm_ema, window_tokens, window_t = None, 0, time.perf_counter()
+    while step < total and epoch < cfg.epochs:
+        groups = schedule.groups(epoch)
+        for g in range(group0, len(groups)):
+            if step >= total:
+                break
+            loss_sum, step_metrics = 0.0, {}
+            n_micro = len(groups[g])
+            for idx in groups[g]:
+                batch = score_batch([items[i] for i in idx], pad).to(device)
+                logps, mask = score(lm, batch)
+                ref = cached_logps(reference, idx, batch.n_slots).to(device) if reference is not None else None
+                tea = cached_logps(teacher, idx, batch.n_slots).to(device) if teacher is not None else None
+                loss, m = spec.fn(objective_inputs(spec, logps, mask, len(idx), ref, tea), args)
+                if not torch.isfinite(loss):
+                    bar.close()
+                    raise TrainingError(f"stage {cfg.name}: loss is {loss.item()} at step {step + 1}; stopped. The last "
+                                        f"good checkpoint is {ckpt if existing_dir(ckpt) else 'the stage start'}; "
+                                        f"try a lower optim.lr or optim.grad_clip")
+                (loss / n_micro).backward()
+                loss_sum += loss.item() / n_micro
+                for k, v in m.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / n_micro
+                tokens += batch.n_tokens
+                window_tokens += batch.n_tokens
+            params = [p for p in model.parameters() if p.requires_grad]
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf")).item()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if grad_norm_ema is not None and gn > 10 * grad_norm_ema:
+                log.warning("stage %s step %d: gradient norm spike %.3g (running mean %.3g)", cfg.name, step, gn, grad_norm_ema)
+                metrics.write({"stage": cfg.name, "split": "train", "step": step, "event": "grad_norm_spike", "grad_norm": gn})
+            grad_norm_ema = gn if grad_norm_ema is None else 0.9 * grad_norm_ema + 0.1 * gn
+            ep_float = epoch + (g + 1) / len(groups)
+            if step % cfg.log_every == 0 or step == total:
+                dt = time.perf_counter() - window_t
+                tps = window_tokens / dt if dt > 0 else 0.0
+                metrics.write({"stage": cfg.name, "split": "train", "step": step, "epoch": round(ep_float, 4),
+                               "loss": loss_sum, "lr": sched.get_last_lr()[0], "grad_norm": gn,
+                               "tokens_per_s": round(tps, 1), **step_metrics})
+                window_tokens, window_t = 0, time.perf_counter()
+                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:.0f}")
+            bar.update(1)
+            at_epoch_end = g == len(groups) - 1
+            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and not at_epoch_end:
+                run_eval(ep_float)
+            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and not at_epoch_end:
+                checkpoint(epoch, g + 1)
+        epoch, group0 = epoch + 1, 0
+        run_eval(float(epoch))
+        checkpoint(epoch, 0)
+    bar.close()
+    wall = time.perf_counter() - t_start
+    return {"steps": step, "tokens": tokens, "wall_s": round(wall, 2), "peak_mem_mb": round(peak_memory_mb(device), 1),
+            "device": str(device), "metrics": last_eval}

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random-weight models (Llama and GPT-2 architectures) around the real
+SmolLM2 tokenizer, so tests exercise real tokenization at a fraction of the cost."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from postlab.models import embedded_tokenizer_dir
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return embedded_tokenizer_dir()
+
+
+def build_tiny_model(out: Path, arch: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=512,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA}")
+    return DATA

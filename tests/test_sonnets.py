@@ -1,0 +1,137 @@
+"""The sonnets task: Folger parser on the real files, example construction, clear errors on malformed
+files, and evaluate() (perplexity, chrF, seeded generation) on a tiny random model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from postlab.config import GenerationConfig, TaskConfig
+from postlab.errors import ConfigError, DataError
+from postlab.models import load_lm
+from postlab.tasks import get_task
+from postlab.tasks.sonnets import cut_continuation, parse_sonnets
+
+SONNET = "\n".join(f"line {i} of the sonnet" for i in range(1, 15))
+
+
+def folger(*sonnets: tuple[int, str], header: str = "Sonnets\nby William Shakespeare\n\n\n") -> str:
+    return header + "".join(f"{n}\n\n{text}\n\n" for n, text in sonnets)
+
+
+@pytest.fixture
+def files(data_dir):
+    d = data_dir / "sonnets"
+    return d / "sonnets.txt", d / "sonnets_held_out_dev.txt", d / "TRUE_sonnets_held_out_dev.txt"
+
+
+def test_parser_on_real_files(files):
+    train, dev, ref = files
+    sonnets = parse_sonnets(train)
+    assert [n for n, _ in sonnets] == list(range(1, 132))
+    lines = dict(sonnets)
+    assert lines[1][0] == "From fairest creatures we desire increase,"
+    assert lines[1][-1] == "  To eat the world's due, by the grave and thee."  # couplet indent kept, CR dropped
+    assert sum(len(v) == 14 for v in lines.values()) == 129  # 99 has 15 lines, 126 has 12
+    assert len(lines[99]) == 15 and len(lines[126]) == 12
+    prompts = parse_sonnets(dev, min_lines=3)
+    assert [n for n, _ in prompts] == list(range(132, 144))
+    assert all(len(v) == 3 for _, v in prompts)
+    refs = parse_sonnets(ref)
+    assert [n for n, _ in refs] == list(range(132, 144))
+    assert all(len(v) == 14 for _, v in refs)
+    assert all(p == r[:3] for (_, p), (_, r) in zip(prompts, refs))
+
+
+def test_examples_and_defaults(data_dir, monkeypatch):
+    monkeypatch.setenv("POSTLAB_DATA", str(data_dir))
+    task = get_task(TaskConfig(name="sonnets"))
+    assert task.primary_metric == "chrf" and task.append_eos
+    train = task.train_examples()
+    assert len(train) == 131 and train[0].id == "1"
+    ex = train[0]
+    assert ex.prompt == ("From fairest creatures we desire increase,\nThat thereby beauty's rose might never die,\n"
+                         "But, as the riper should by time decease,\n")
+    assert ex.completion.startswith("His tender heir might bear his memory.\nBut thou,")
+    assert ex.completion.endswith("  To eat the world's due, by the grave and thee.")
+    assert len(ex.completion.split("\n")) == 11 and "\r" not in ex.completion
+    assert len(get_task(TaskConfig(name="sonnets", train_limit=5)).train_examples()) == 5
+    dev = task.dev_examples()
+    assert [e.id for e in dev] == [str(n) for n in range(132, 144)]
+    assert dev[0].prompt.startswith("Thine eyes I love") and dev[0].prompt.count("\n") == 3
+    assert dev[0].completion.startswith("Looking with pretty ruth upon my pain.")
+    assert len(dev[0].completion.split("\n")) == 11
+    assert len(get_task(TaskConfig(name="sonnets", dev_limit=2)).dev_examples()) == 2
+    with pytest.raises(ConfigError):  # rejected answers must be sampled from a model
+        task.preference_pairs()
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "empty"),
+    (b"  \n\n", "empty"),
+    (b"Sonnets\nno numbers here\nat all\n", "no numbered sonnets"),
+    (b"Sonnets\n\n1\n\ncaf\xe9 au lait\nb\nc\nd\n", "line 5: not UTF-8"),
+    (folger((1, SONNET), (2, "one\ntwo\nthree")).encode(), r"line 22: sonnet 2 has 3 line\(s\), expected at least 4"),
+    (folger((1, SONNET), (1, SONNET)).encode(), "sonnet 1 appears twice"),
+])
+def test_malformed_files(tmp_path, content, match):
+    path = tmp_path / "bad_sonnets.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=match) as e:
+        get_task(TaskConfig(name="sonnets", train=str(path))).train_examples()
+    assert "bad_sonnets.txt" in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="nope.txt.*not found"):
+        get_task(TaskConfig(name="sonnets", train=str(tmp_path / "nope.txt"))).train_examples()
+
+
+def test_dev_reference_mismatch(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    refs = tmp_path / "refs.txt"
+    prompts.write_text(folger((5, "a\nb\nc"), (6, "d\ne\nf")))
+    refs.write_text(folger((5, "a\nb\nc\nx\ny"), (7, "d\ne\nf\nx\ny")))
+    task = get_task(TaskConfig(name="sonnets", dev=str(prompts), dev_reference=str(refs)))
+    with pytest.raises(DataError, match="entry 2 is sonnet 6 in the prompts but 7") as e:
+        task.dev_examples()
+    assert "prompts.txt" in str(e.value) and "refs.txt" in str(e.value)
+    refs.write_text(folger((5, "a\nb\nc\nx\ny")))
+    with pytest.raises(DataError, match="2 prompts but 1 references"):
+        task.dev_examples()
+    refs.write_text(folger((5, "a\nb\nc\nx\ny"), (6, "d\nE\nf\nx\ny")))
+    with pytest.raises(DataError, match="sonnet 6: the prompt lines differ"):
+        task.dev_examples()
+
+
+def test_cut_continuation():
+    text = "\n".join(f"l{i}" for i in range(20))
+    assert cut_continuation(text) == [f"l{i}" for i in range(11)]
+    assert cut_continuation("\n  a  \n\n\nb\n") == ["  a", "b"]
+    assert cut_continuation("") == []
+    assert cut_continuation("a\nb\n\n17\n\nnext sonnet") == ["a", "b"]  # moved on to another sonnet
+
+
+def test_evaluate_tiny_llama(tiny_llama, data_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("POSTLAB_DATA", str(data_dir))
+    lm = load_lm(str(tiny_llama), device="cpu", precision="fp32")
+    gen = GenerationConfig(max_new_tokens=8, seed=3)
+    task = get_task(TaskConfig(name="sonnets", dev_limit=2, generation=gen))
+    m1 = task.evaluate(lm, tmp_path / "a", batch_size=2)
+    assert m1["n"] == 2.0
+    assert math.isfinite(m1["chrf"]) and 0 <= m1["chrf"] <= 100
+    assert math.isfinite(m1["chrf_continuation"]) and m1["chrf_continuation"] <= m1["chrf"]
+    assert math.isfinite(m1["perplexity"]) and m1["perplexity"] > 1
+    assert m1["perplexity"] == pytest.approx(math.exp(m1["dev_loss"]))
+    text = (tmp_path / "a" / "generated_sonnets.txt").read_text()
+    back = parse_sonnets(tmp_path / "a" / "generated_sonnets.txt", min_lines=3)
+    assert [n for n, _ in back] == [132, 133]
+    assert back[0][1][:3] == [line.rstrip() for line in task.dev_examples()[0].prompt.splitlines()]
+    # same seed: same text and metrics; another seed: other text
+    m2 = task.evaluate(lm, tmp_path / "b", batch_size=2)
+    assert (tmp_path / "b" / "generated_sonnets.txt").read_text() == text
+    assert m2 == m1
+    other = get_task(TaskConfig(name="sonnets", dev_limit=2, generation=GenerationConfig(max_new_tokens=8, seed=4)))
+    other.evaluate(lm, tmp_path / "c", batch_size=2)
+    assert (tmp_path / "c" / "generated_sonnets.txt").read_text() != text
+    assert task.evaluate(lm, None, batch_size=2) == m1  # no out_dir: nothing written, same numbers

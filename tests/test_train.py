@@ -1,0 +1,155 @@
+"""The training loop on tiny random models: it learns, LoRA freezes the base, checkpoints round-trip,
+resume is exact, both architectures train."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from postlab.config import parse_run_config
+from postlab.data import Example, tokenize
+from postlab.models import load_lm
+from postlab.objectives import get_objective
+from postlab.run import run
+from postlab.tasks import get_task
+from postlab.config import TaskConfig, StageConfig
+from postlab.train import MetricsLog, train_stage
+
+
+def write_pairs(path: Path, n: int = 24) -> Path:
+    lines = ["id\tsentence1\tsentence2\tis_duplicate"]
+    for i in range(n):
+        lines.append(f"p{i}\tHow do I learn topic {i}?\tWhat is the best way to learn topic {i % 5}?\t{int(i % 3 == 0)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_config(model: Path, out: Path, data: Path, **stage) -> dict:
+    base = {"name": "sft", "task": {"name": "paraphrase", "train": str(data), "dev": str(data), "dev_limit": 8},
+            "optim": {"lr": 1e-3, "batch_size": 4}, "epochs": 2, "log_every": 1}
+    for k, v in stage.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return {"model": {"name": str(model)}, "output_dir": str(out), "seed": 0, "stages": [base]}
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "0-sft" / "checkpoint" / "trainable.safetensors"))
+
+
+def test_tiny_model_overfits_fixed_batch(tiny_llama):
+    lm = load_lm(str(tiny_llama))
+    examples = [Example(f"Say number {i}:", f" the number is {i} and that is all") for i in range(4)]
+    items, _ = tokenize(examples, lm.tokenizer, 128)
+    cfg = StageConfig(optim={"lr": 3e-3, "batch_size": 4, "schedule": "constant"}, epochs=150,
+                      eval_at_start=False, log_every=1)
+    spec = get_objective("nll")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        log = MetricsLog(Path(d) / "metrics.jsonl")
+        train_stage(lm, cfg, spec, spec.args(), items, Path(d), 0, log, lambda: {})
+        losses = [r["loss"] for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+
+def test_lora_trains_only_adapter_and_keeps_base_bit_identical(tiny_llama, tmp_path):
+    data = write_pairs(tmp_path / "pairs.tsv")
+    before = load_file(str(tiny_llama / "model.safetensors"))
+    cfg = parse_run_config(run_config(tiny_llama, tmp_path / "run", data,
+                                      parameterization={"method": "lora", "lora": {"r": 4}}))
+    result = run(cfg)
+    adapter = load_file(str(tmp_path / "run" / "0-sft" / "model" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(float(t.abs().sum()) > 0 for k, t in adapter.items() if "lora_B" in k)  # it trained
+    trained = final_weights(tmp_path / "run")
+    assert all("lora_" in k for k in trained)
+    # The base weights inside the trained PEFT model are bit-identical to the originals.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "run" / "0-sft" / "model")
+    state = peft_model.get_base_model().state_dict()
+    for name, t in before.items():
+        key = next(k for k in state if k.replace(".base_layer", "") == name)
+        assert torch.equal(state[key], t), name
+    assert result["stages"][0]["parameterization"] == "lora"
+
+
+def test_resumed_run_matches_uninterrupted(tiny_llama, tmp_path):
+    data = write_pairs(tmp_path / "pairs.tsv")
+    full = parse_run_config(run_config(tiny_llama, tmp_path / "full", data, save_every_steps=2,
+                                       parameterization={"method": "lora", "lora": {"r": 4, "dropout": 0.1}}))
+    run(full)
+    # Interrupted: stop after 3 steps (max_steps), then resume the same config to the end.
+    part_cfg = run_config(tiny_llama, tmp_path / "part", data, save_every_steps=2,
+                          parameterization={"method": "lora", "lora": {"r": 4, "dropout": 0.1}})
+    cfg = parse_run_config(part_cfg)
+    import postlab.train as train_mod
+
+    real_step = train_mod.torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 10:  # mid-epoch 2, after the step-8 checkpoint
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    train_mod.torch.optim.AdamW.step = dying_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+    finally:
+        train_mod.torch.optim.AdamW.step = real_step
+    assert not (tmp_path / "part" / "result.json").exists()
+    run(cfg, resume=True)
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = json.loads((tmp_path / "full" / "result.json").read_text())
+    rb = json.loads((tmp_path / "part" / "result.json").read_text())
+    assert ra["metrics"] == rb["metrics"]
+
+
+def test_checkpoint_reload_gives_same_eval(tiny_llama, tmp_path):
+    data = write_pairs(tmp_path / "pairs.tsv")
+    cfg = parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=1))
+    result = run(cfg)
+    lm = load_lm(str(tmp_path / "run" / "0-sft" / "model"))
+    task = get_task(TaskConfig(name="paraphrase", train=str(data), dev=str(data), dev_limit=8))
+    again = task.evaluate(lm)
+    assert again == result["metrics"]
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("method", ["fft", "lora"])
+def test_architectures_train(arch, method, request, tmp_path):
+    model = request.getfixturevalue(arch)
+    data = write_pairs(tmp_path / "pairs.tsv")
+    cfg = parse_run_config(run_config(model, tmp_path / "run", data, epochs=3, optim={"lr": 3e-3},
+                                      parameterization={"method": method}))
+    run(cfg)
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert losses[-1] < losses[0]
+
+
+def test_existing_run_needs_resume_flag(tiny_llama, tmp_path):
+    from postlab.errors import ConfigError
+
+    data = write_pairs(tmp_path / "pairs.tsv")
+    cfg = parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=1))
+    run(cfg)
+    with pytest.raises(ConfigError, match="--resume"):
+        run(cfg)
+    changed = parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=2))
+    with pytest.raises(ConfigError, match="differs"):
+        run(changed, resume=True)
