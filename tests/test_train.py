@@ -21,8 +21,10 @@ from postlab.train import MetricsLog, train_stage
 
 def write_pairs(path: Path, n: int = 24) -> Path:
     lines = ["id\tsentence1\tsentence2\tis_duplicate"]
-    for i in range(n):
-        lines.append(f"p{i}\tHow do I learn topic {i}?\tWhat is the best way to learn topic {i % 5}?\t{int(i % 3 == 0)}")
+    for i in range(n):  # the label is learnable from the subject word
+        label = int(i % 3 == 0)
+        subject = "cooking" if label else "physics"
+        lines.append(f"p{i}\tHow do I learn {subject} {i}?\tWhat is the best way to learn {subject} {i % 5}?\t{label}")
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .data import Tokenized
-from .logprobs import score_all
+from .logprobs import token_logps
 from .models import LM, postlab_home
 
 log = logging.getLogger("postlab")
@@ -81,12 +81,7 @@ def cached_token_logps(lm: LM, items: list[Tokenized], role: str, batch_size: in
         if got is not None:
             log.info("%s log-probs: reusing cache %s", role, path)
             return got
-    out: list[list[torch.Tensor]] = [[] for _ in items]
-    for idx, logps, mask in score_all(lm, items, batch_size, desc=f"{role} log-probs"):
-        B = len(idx)
-        for k in range(len(items[idx[0]].completions)):
-            for b, i in enumerate(idx):
-                out[i].append(logps[k * B + b][mask[k * B + b]].float().cpu())
+    out = token_logps(lm, items, batch_size, desc=f"{role} log-probs")
     _save(path, key, out)
     log.info("%s log-probs: computed for %d items, cached at %s", role, len(items), path)
     return out

@@ -50,6 +50,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
     fields = {"name": a.task, "dev": a.dev, "dev_reference": a.dev_reference, "dev_limit": a.dev_limit}
     task = get_task(TaskConfig(**{k: v for k, v in fields.items() if v is not None}))
     metrics = task.evaluate(lm, Path(a.out) if a.out else None, a.batch_size)
+    if a.reference:
+        from .evaluate import implicit_rewards
+
+        ref = load_lm(a.reference, a.device, a.precision, max_length=a.max_length)
+        pairs = task.preference_pairs("dev")
+        metrics.update(implicit_rewards(lm, ref, pairs, a.beta, a.batch_size, task.append_eos))
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -94,6 +100,38 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return demo(a.data, a.output_dir)
 
 
+def cmd_study(a: argparse.Namespace) -> int:
+    from . import study as st
+
+    if a.study_command == "report":
+        from .report import write_report
+
+        print(f"report: {write_report(a.dir, a.out, alpha=a.alpha)}")
+        return 0
+    study = st.load_study(a.file)
+    shard = st.parse_shard(a.shard)
+    study_dir = Path(a.output_dir) if a.output_dir else study.default_dir()
+    runs = st.plan(study)
+    if a.study_command == "plan":
+        mine = st.shard_runs(runs, shard)
+        if a.json:
+            print(json.dumps([{"index": r.index, "run_id": r.run_id, "axes": r.axes,
+                               "config": st.run_config(study_dir, r).model_dump(mode="json")} for r in mine],
+                             indent=2, default=str))
+            return 0
+        estimates, notes = st.estimate(mine, measure=a.measure)
+        print(st.format_plan(study, mine, study_dir, estimates, notes, shard, total=len(runs)))
+        return 0
+    try:
+        outcome = st.run_study(study, study_dir, shard, runs=runs, progress=not a.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun `postlab study run {a.file}` (same options) to continue: complete runs are "
+              f"skipped and the interrupted one resumes from its last checkpoint", file=sys.stderr)
+        return 130
+    print(st.format_outcome(outcome, shard))
+    return 1 if outcome.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="postlab", description="Post-train small language models and study the recipes.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -120,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=int)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--out", help="directory for predictions / generated text")
+    e.add_argument("--reference", help="also report implicit-reward accuracy/margin on the dev pairs against this model")
+    e.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward (with --reference)")
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="sample continuations of prompts")
@@ -143,6 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default="../shared/data")
     d.add_argument("--output-dir", default="runs/demo")
     d.set_defaults(fn=cmd_demo)
+
+    st = sub.add_parser("study", help="plan, run and report a study: a grid of runs (studies/*.yaml)")
+    ss = st.add_subparsers(dest="study_command", required=True)
+    for name, text in (("plan", "list the runs and estimate their cost; trains nothing"),
+                       ("run", "run every run (skipping complete ones, resuming interrupted ones), then report")):
+        q = ss.add_parser(name, help=text)
+        q.add_argument("file", help="a study file, e.g. studies/quick.yaml")
+        q.add_argument("--shard", help="i/n: only the runs at plan index i mod n (0 <= i < n)")
+        q.add_argument("--output-dir", help="the study directory (default: the study's output_dir, else runs/<file stem>)")
+        q.set_defaults(fn=cmd_study)
+    ss.choices["plan"].add_argument("--measure", action="store_true",
+                                    help="time a few training steps of the configured model here for the estimate")
+    ss.choices["plan"].add_argument("--json", action="store_true", help="print the runs and their full configs as JSON")
+    ss.choices["run"].add_argument("--no-progress", action="store_true", help="no progress bars")
+    q = ss.add_parser("report", help="write <dir>/report/report.md with tables, plots and paired comparisons")
+    q.add_argument("dir", help="a study directory (holding runs/)")
+    q.add_argument("--out", help="output directory (default <dir>/report)")
+    q.add_argument("--alpha", type=float, default=0.05)
+    q.set_defaults(fn=cmd_study)
     return p
 
 

@@ -49,6 +49,32 @@ class GenerationConfig(Strict):
     batch_size: int = Field(12, gt=0)
 
 
+class PairsConfig(Strict):
+    """How preference pairs are built for a task without pairs of its own (sonnets): chosen = the
+    true continuation, rejected = continuations sampled from a model. Ignored by tasks that have
+    their own pairs (paraphrase, file)."""
+
+    # stage-start: the policy as the preference stage begins (the SFT model in SFT->DPO, the base
+    # model in DPO-only); base: the run's base model; anything else: a path to a checkpoint.
+    rejected_from: Literal["stage-start", "base"] | str = "stage-start"
+    # same-sonnet: k samples per training prompt, each a rejected answer; top-k: n samples per
+    # prompt, the k least similar to the truth (lowest chrF) kept as rejected answers.
+    strategy: Literal["same-sonnet", "top-k"] = "same-sonnet"
+    k: int = Field(1, gt=0)
+    n: int = Field(4, gt=0)
+    generation: GenerationConfig = GenerationConfig()  # sampling settings (seeded)
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> "PairsConfig":
+        if self.strategy == "top-k" and self.n < self.k:
+            raise ValueError(f"top-k keeps k of n samples, so n must be >= k (got n={self.n}, k={self.k})")
+        draws = self.n if self.strategy == "top-k" else self.k
+        if self.generation.greedy and draws > 1:
+            raise ValueError(f"generation.greedy draws {draws} identical samples per prompt; sample instead "
+                             f"(greedy: false) or draw one (k=1 with same-sonnet)")
+        return self
+
+
 class TaskConfig(Strict):
     name: str = "paraphrase"  # paraphrase | sonnets | file
     train: str | None = None  # path (TSV/TXT/JSONL/CSV/Parquet) or hub dataset id
@@ -59,6 +85,7 @@ class TaskConfig(Strict):
     # A prompt+completion longer than the model allows: refuse (error) or truncate the prompt's start.
     overlength: Literal["refuse", "truncate"] = "refuse"
     generation: GenerationConfig = GenerationConfig()
+    pairs: PairsConfig = PairsConfig()  # preference pairs for tasks that sample rejected answers
 
 
 class OptimConfig(Strict):

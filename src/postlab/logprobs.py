@@ -63,3 +63,14 @@ def score_all(lm: LM, items: list, batch_size: int, desc: str | None = None):
             yield idx, logps, mask
     finally:
         lm.model.train(was_training)
+
+
+def token_logps(lm: LM, items: list, batch_size: int, desc: str | None = None) -> list[list[torch.Tensor]]:
+    """Per item, per completion: per-token log-probs (fp32, CPU), in the items' order."""
+    out: list[list[torch.Tensor]] = [[] for _ in items]
+    for idx, logps, mask in score_all(lm, items, batch_size, desc=desc):
+        B = len(idx)
+        for k in range(len(items[idx[0]].completions)):
+            for b, i in enumerate(idx):
+                out[i].append(logps[k * B + b][mask[k * B + b]].float().cpu())
+    return out

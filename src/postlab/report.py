@@ -98,16 +98,22 @@ def _read_jsonl(path: Path):
 
 
 def _config_axes(run_dir: Path) -> dict[str, Any]:
-    """Axes of an incomplete run from its config.yaml (key ``axes``), if it can be read."""
+    """Axes of a run from its config.yaml (key ``axes``), else from the ``axes.json`` that
+    ``postlab study run`` writes (a study run's config.yaml holds only the run config)."""
     path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        import yaml
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except Exception:  # a torn or unreadable config must not break the report
-        return {}
+    cfg = None
+    if path.is_file():
+        try:
+            import yaml
+            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except Exception:  # a torn or unreadable config must not break the report
+            cfg = None
     axes = cfg.get("axes") if isinstance(cfg, dict) else None
+    if not isinstance(axes, dict) and (run_dir / "axes.json").is_file():
+        try:
+            axes = json.loads((run_dir / "axes.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            axes = None
     return dict(axes) if isinstance(axes, dict) else {}
 
 
@@ -196,6 +202,8 @@ def load_runs(study_dir: str | os.PathLike) -> pd.DataFrame:
             result = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue  # reported by find_incomplete
+        if isinstance(result, dict) and not result.get("axes"):
+            result["axes"] = _config_axes(run_dir)  # a study run killed before it added them
         row, ax, me, st = _result_row(result, run_dir.name)
         rows.append(row)
         for names, new in ((axes, ax), (metrics, me), (stages, st)):

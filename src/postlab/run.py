@@ -17,12 +17,13 @@ import torch
 
 from .cache import cached_token_logps
 from .checkpoint import atomic_write_json, atomic_write_text, read_json
-from .config import RunConfig, StageConfig, dump_config
+from .config import ModelConfig, RunConfig, StageConfig, dump_config
 from .data import tokenize
 from .errors import ConfigError
-from .models import LM, load_lm
+from .models import LM, load_lm, postlab_home
 from .objectives import get_objective, parse_args
 from .parameterization import apply_parameterization, describe, is_peft
+from .preferences import build_pairs, needs_sampler
 from .tasks import get_task
 from .train import MetricsLog, train_stage
 
@@ -46,12 +47,29 @@ def stage_dir(out: Path, i: int, stage: StageConfig) -> Path:
     return out / f"{i}-{stage.name}"
 
 
-def stage_items(lm: LM, stage: StageConfig):
+def stage_items(lm: LM, stage: StageConfig, model_cfg: ModelConfig | None = None):
     """The stage's training data, tokenized: prompt/completion examples for SFT objectives,
-    prompt/chosen/rejected pairs for preference objectives."""
+    prompt/chosen/rejected pairs for preference objectives (built by `preferences.build_pairs`;
+    a task that samples its rejected answers samples them from `lm` (rejected_from: stage-start),
+    the run's base model `model_cfg.name` (base), or a checkpoint path)."""
     task = get_task(stage.task)
     spec = get_objective(stage.objective.name)
-    raw = task.preference_pairs("train") if spec.kind == "preference" else task.train_examples()
+    if spec.kind == "preference":
+        pcfg, sampler = stage.task.pairs, None
+        if needs_sampler(task):
+            src = pcfg.rejected_from
+            if src == "stage-start":
+                sampler = lm
+            else:
+                if src == "base" and model_cfg is None:
+                    raise ConfigError(f"stage {stage.name}: task.pairs.rejected_from=base needs the run's model config")
+                m = model_cfg or ModelConfig()
+                name = m.name if src == "base" else src
+                log.info("stage %s: sampling rejected answers from %s", stage.name, name)
+                sampler = load_lm(name, m.device, m.precision, m.trust_remote_code, m.max_length)
+        raw = build_pairs(task, pcfg, sampler, postlab_home() / "cache" / "samples")
+    else:
+        raw = task.train_examples()
     items, report = tokenize(raw, lm.tokenizer, lm.max_length, stage.task.overlength,
                              append_eos=task.append_eos, source=f"stage {stage.name} ({stage.task.name} train)")
     if report.truncated:
@@ -120,7 +138,7 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
         lm.source = str(sdir / "base")
     log.info("stage %s: %s, objective %s, %s", stage.name, stage.parameterization.method, stage.objective.name,
              describe(lm.model))
-    task, spec, items = stage_items(lm, stage)
+    task, spec, items = stage_items(lm, stage, cfg.model)
     args = parse_args(spec, stage.objective.args)
     reference = None
     if spec.needs_reference:

@@ -1,0 +1,199 @@
+"""Preference pairs for a stage: the one place that builds them.
+
+Tasks with pairs of their own (paraphrase: chosen = the correct label token; file: prompt/chosen/
+rejected records) give them through ``task.preference_pairs("train")``. Tasks registered in
+``SAMPLED`` (sonnets) have only prompt/completion data; their pairs are built here:
+
+- chosen = the true completion of a *training* example (``task.train_examples()``; dev data is
+  never read),
+- rejected = a completion sampled from a model (``PairsConfig.rejected_from``) with the stated
+  sampling settings (``PairsConfig.generation``), cleaned by the task's ``clean`` function
+  (sonnets: the first 11 non-blank lines, cut at a number line, exactly as evaluation cuts them).
+
+Strategies:
+- ``same-sonnet``: k draws per prompt; each gives one pair (k pairs per training example).
+- ``top-k``: n draws per prompt, scored against the truth by the task's ``score`` (sonnets:
+  sentence chrF); the k lowest-scoring become rejected answers (ties: the earlier draw first).
+
+Draw j (0-based) of every prompt comes from one ``generate`` call over all prompts with the seed
+``draw_seed(generation.seed, j)``, so draws are reproducible, differ from each other, and the first
+draws of a larger k (or n) are the draws of a smaller one. A sample equal to the true completion
+(possible after SFT memorizes the data) makes no pair and is counted in a warning.
+
+Raw samples are cached as JSON under ``cache_dir`` (atomic write), keyed by a sha256 of the
+sampler's weights, its tokenizer's vocabulary, its compute precision and device type, the prompts,
+the generation settings, the strategy, k and n. The same key reuses the file ("reusing cached
+samples"); a file that does not match its key or is unreadable is resampled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import atomic_write_json
+from .config import GenerationConfig, PairsConfig
+from .data import Pair
+from .errors import ConfigError, DataError
+from .generate import generate
+from .models import LM
+
+log = logging.getLogger("postlab")
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SampledRejected:
+    """How a task whose rejected answers are sampled turns a raw sample into a rejected completion,
+    and how similar a completion is to the truth (higher = closer; top-k keeps the lowest)."""
+
+    clean: Callable[[str], str]
+    score: Callable[[str, str], float]  # (hypothesis, truth) -> similarity
+
+
+def chrf(hypothesis: str, truth: str) -> float:
+    """Sentence chrF (sacrebleu defaults, 0-100) of one hypothesis against one reference."""
+    from sacrebleu import sentence_chrf
+
+    return float(sentence_chrf(hypothesis, [truth]).score)
+
+
+def _sonnet_clean(sample: str) -> str:
+    from .tasks.sonnets import cut_continuation
+
+    return "\n".join(cut_continuation(sample))
+
+
+# Task name -> how its rejected answers are made from samples. A new task with sampled rejected
+# answers adds one entry (or calls register_sampled).
+SAMPLED: dict[str, SampledRejected] = {"sonnets": SampledRejected(_sonnet_clean, chrf)}
+
+
+def register_sampled(task_name: str, clean: Callable[[str], str],
+                     score: Callable[[str, str], float] = chrf) -> None:
+    SAMPLED[task_name] = SampledRejected(clean, score)
+
+
+def needs_sampler(task) -> bool:
+    """True when the task's pairs are built from samples (a sampler model must be loaded)."""
+    return task.name in SAMPLED
+
+
+def draws(cfg: PairsConfig) -> int:
+    """Samples drawn per prompt."""
+    return cfg.n if cfg.strategy == "top-k" else cfg.k
+
+
+def draw_seed(seed: int, j: int) -> int:
+    """The seed of draw j: derived from (seed, j) by hashing, so neighbouring seeds' draws do not
+    coincide (seed 1 draw 0 is not seed 0 draw 1)."""
+    if j == 0:
+        return seed
+    digest = hashlib.sha256(f"postlab-pairs:{seed}:{j}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def tokenizer_hash(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = [tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id]
+    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
+
+
+def samples_key(sampler_weights: str, tokenizer: str, precision: str, device: str, prompts: list[str],
+                cfg: PairsConfig) -> str:
+    parts = {"version": CACHE_VERSION, "weights": sampler_weights, "tokenizer": tokenizer, "precision": precision,
+             "device": device, "prompts": prompts, "generation": cfg.generation.model_dump(mode="json"),
+             "strategy": cfg.strategy, "k": cfg.k, "n": cfg.n}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def sampler_identity(lm: LM) -> dict[str, str]:
+    """What, besides prompts and settings, determines the samples (hashes the weights: ~1 s per
+    100M parameters)."""
+    from .cache import weights_hash
+
+    return {"weights": weights_hash(lm.model), "tokenizer": tokenizer_hash(lm.tokenizer),
+            "precision": lm.precision, "device": lm.device.type}
+
+
+def _load_cached(path: Path, key: str, n_prompts: int, m: int) -> list[list[str]] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        samples = data["samples"]
+        ok = (data.get("key") == key and len(samples) == n_prompts
+              and all(isinstance(s, list) and len(s) == m and all(isinstance(t, str) for t in s) for s in samples))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: unreadable sample cache (%s); sampling again", path, e)
+        return None
+    if not ok:
+        log.warning("%s: sample cache does not match its key; sampling again", path)
+        return None
+    return samples
+
+
+def sample_completions(sampler: LM, prompts: list[str], cfg: PairsConfig, cache_dir: Path,
+                       tag: str = "samples") -> tuple[list[list[str]], Path]:
+    """Raw samples, draws(cfg) per prompt ([prompt][draw]), from the cache when the key matches.
+    Returns them with the cache file's path."""
+    m = draws(cfg)
+    ident = sampler_identity(sampler)
+    key = samples_key(ident["weights"], ident["tokenizer"], ident["precision"], ident["device"], prompts, cfg)
+    path = Path(cache_dir) / f"{tag}-{key[:32]}.json"
+    if path.is_file():
+        got = _load_cached(path, key, len(prompts), m)
+        if got is not None:
+            log.info("preference pairs: reusing cached samples %s", path)
+            return got, path
+    per_draw = []
+    for j in range(m):
+        gen = cfg.generation.model_copy(update={"seed": draw_seed(cfg.generation.seed, j)})
+        per_draw.append(generate(sampler, prompts, gen, desc=f"sampling rejected answers ({j + 1}/{m})"))
+    samples = [[per_draw[j][i] for j in range(m)] for i in range(len(prompts))]
+    atomic_write_json(path, {"key": key, "version": CACHE_VERSION, "sampler": {**ident, "source": sampler.source},
+                             "settings": {"strategy": cfg.strategy, "k": cfg.k, "n": cfg.n,
+                                          "generation": cfg.generation.model_dump(mode="json")},
+                             "prompts": prompts, "samples": samples})
+    log.info("preference pairs: sampled %d x %d completions, cached at %s", len(prompts), m, path)
+    return samples, path
+
+
+def select_rejected(candidates: list[str], truth: str, cfg: PairsConfig,
+                    score: Callable[[str, str], float]) -> list[tuple[int, str]]:
+    """(draw index, text) of the rejected answers for one prompt, from its cleaned candidates.
+    same-sonnet: all of them in draw order; top-k: the k lowest-scoring, lowest first."""
+    if cfg.strategy == "same-sonnet":
+        return list(enumerate(candidates))
+    scored = sorted(range(len(candidates)), key=lambda j: (score(candidates[j], truth), j))
+    return [(j, candidates[j]) for j in scored[:cfg.k]]
+
+
+def build_pairs(task, cfg: PairsConfig, sampler_lm: LM | None, cache_dir: Path) -> list[Pair]:
+    """The training preference pairs of `task` (its own, or built from samples of `sampler_lm`)."""
+    if not needs_sampler(task):
+        if cfg != PairsConfig():
+            log.warning("task %s has preference pairs of its own; task.pairs settings are ignored", task.name)
+        return task.preference_pairs("train")
+    if sampler_lm is None:
+        raise ConfigError(f"task {task.name!r} samples its rejected answers: build_pairs needs a sampler model")
+    spec = SAMPLED[task.name]
+    examples = task.train_examples()  # training data only: dev examples never enter pairs
+    samples, _ = sample_completions(sampler_lm, [ex.prompt for ex in examples], cfg, cache_dir, tag=task.name)
+    pairs: list[Pair] = []
+    same_as_truth = 0
+    for i, (ex, raw) in enumerate(zip(examples, samples)):
+        candidates = [spec.clean(s) for s in raw]
+        for j, text in select_rejected(candidates, ex.completion, cfg, spec.score):
+            if text.strip() == ex.completion.strip():
+                same_as_truth += 1
+                continue
+            pairs.append(Pair(ex.prompt, ex.completion, text, f"{ex.id or i}/s{j}"))
+    if same_as_truth:
+        log.warning("preference pairs: %d sampled answer(s) equal the true completion and made no pair",
+                    same_as_truth)
+    if not pairs:
+        raise DataError(f"task {task.name}: every sampled answer equals the true completion; no preference pairs")
+    return pairs

@@ -1,0 +1,55 @@
+"""Preference stages through the same loop: a tiny DPO run separates its training pairs, SFT→DPO runs
+across the stage boundary, the reference cache is reused."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from postlab.config import TaskConfig, parse_run_config
+from postlab.evaluate import implicit_rewards
+from postlab.models import load_lm
+from postlab.run import run
+from postlab.tasks import get_task
+
+from test_train import run_config, write_pairs
+
+
+def test_tiny_dpo_reward_accuracy_rises_above_09(tiny_llama, tmp_path):
+    data = write_pairs(tmp_path / "pairs.tsv", n=16)
+    tree = run_config(tiny_llama, tmp_path / "run", data, name="dpo", objective={"name": "dpo", "beta": 1.0},
+                      optim={"lr": 1e-3, "batch_size": 8, "schedule": "constant"}, epochs=20,
+                      eval_at_start=False, log_every=5)
+    run(parse_run_config(tree))
+    pairs = get_task(TaskConfig(name="paraphrase", train=str(data))).preference_pairs("train")
+    before = implicit_rewards(load_lm(str(tiny_llama)), load_lm(str(tiny_llama)), pairs, beta=1.0, append_eos=False)
+    after = implicit_rewards(load_lm(str(tmp_path / "run" / "0-dpo" / "model")), load_lm(str(tiny_llama)), pairs,
+                             beta=1.0, append_eos=False)
+    assert before["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    assert after["reward_accuracy"] > 0.9 and after["reward_margin"] > 0
+    logged = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logged if r.get("split") == "train" and "rewards/accuracy" in r]
+    assert train and train[-1]["rewards/accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("method", ["fft", "lora"])
+def test_sft_then_dpo_two_stages_and_reference_cache_reuse(tiny_llama, tmp_path, method, caplog):
+    data = write_pairs(tmp_path / "pairs.tsv", n=8)
+    param = {"method": method, "lora": {"r": 4}}
+    tree = run_config(tiny_llama, tmp_path / "run", data, parameterization=param, epochs=1)
+    dpo = {**tree["stages"][0], "name": "dpo", "objective": {"name": "dpo", "beta": 0.1}}
+    tree["stages"].append(dpo)
+    with caplog.at_level(logging.INFO, logger="postlab"):
+        result = run(parse_run_config(tree))
+    assert [s["name"] for s in result["stages"]] == ["sft", "dpo"]
+    assert "rewards/accuracy" in open(tmp_path / "run" / "metrics.jsonl").read()
+    assert any("computed for" in r.message for r in caplog.records)
+    # The same reference (DPO-only from the same base) a second time: the cache is reused.
+    caplog.clear()
+    only = run_config(tiny_llama, tmp_path / "dpo1", data, name="dpo", objective={"name": "dpo"}, epochs=1)
+    run(parse_run_config(only))
+    only["output_dir"] = str(tmp_path / "dpo2")
+    with caplog.at_level(logging.INFO, logger="postlab"):
+        run(parse_run_config(only))
+    assert any("reusing cache" in r.message for r in caplog.records)
