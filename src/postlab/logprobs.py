@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .data import ScoreBatch
+from .data import Example, ScoreBatch, score_batch, tokenize
 from .models import LM, decoder_and_head
 
 CHUNK_ROWS = 512
@@ -50,8 +50,6 @@ def score_all(lm: LM, items: list, batch_size: int, desc: str | None = None):
     (indices, log-probs, mask) per batch, indices pointing into `items`."""
     from tqdm.auto import tqdm
 
-    from .data import score_batch
-
     was_training = lm.model.training
     lm.model.eval()
     order = sorted(range(len(items)), key=lambda i: items[i].length)
@@ -74,3 +72,14 @@ def token_logps(lm: LM, items: list, batch_size: int, desc: str | None = None) -
             for b, i in enumerate(idx):
                 out[i].append(logps[k * B + b][mask[k * B + b]].float().cpu())
     return out
+
+
+def completion_nll(lm: LM, examples: list[Example], batch_size: int, overlength: str = "refuse",
+                   append_eos: bool = True, source: str = "dev") -> tuple[float, int]:
+    """(total NLL, number of tokens) of the completions given their prompts, over completion tokens."""
+    items, _ = tokenize(examples, lm.tokenizer, lm.max_length, overlength, append_eos=append_eos, source=source)
+    total, count = 0.0, 0
+    for _, logps, mask in score_all(lm, items, batch_size):
+        total -= float(logps[mask].double().sum())
+        count += int(mask.sum())
+    return total, count

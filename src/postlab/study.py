@@ -22,12 +22,16 @@ A study file (``studies/*.yaml``)::
       - {task: sonnets, optim.lr: 1.0e-5}
     include:                         # partial assignments: add back every run that matches one
       - {task: sonnets, regime: sft, optim.lr: 1.0e-5}   # (over all values of the other axes)
+    overrides:                       # settings for the runs that match `when`, applied after the axes
+      - when: {task: sonnets}
+        set: {by_stage: {sft: {epochs: 3}}}
 
-How a run's config is built, in this order (so the order of the axes does not matter):
+How a run's config is built, in this order (so a variant that replaces ``stages`` never erases
+another axis's stage settings; where two axes set the same stage key, the later axis wins):
 
-1. Run-level keys (``model``, ``seed``, ``stages``) of ``base`` and then of each axis's variant are
-   deep-merged (mappings merge key by key; lists, ``stages`` included, and scalars replace).
-2. Stage-level keys, of ``base`` and then of each axis (in the file's order): a key naming a stage
+1. Run-level keys (``model``, ``seed``, ``stages``) of ``base``, then of each axis's variant, then
+   of each matching override are deep-merged (mappings merge key by key; lists, ``stages`` included, and scalars replace).
+2. Stage-level keys, of ``base``, each axis (in the file's order), each matching override: a key naming a stage
    field (``task``, ``objective``, ``parameterization``, ``optim``, ``epochs``, ...) is deep-merged
    into every stage; ``by_stage: {<stage name>: {...}}`` into the stages of that name only; a dotted
    key (``optim.lr: 1e-4``, ``stages.1.epochs: 6``) is set as ``postlab train`` overrides are set
@@ -82,7 +86,7 @@ from .errors import ConfigError, PostlabError
 
 log = logging.getLogger("postlab")
 
-STUDY_KEYS = ("name", "description", "output_dir", "base", "axes", "exclude", "include")
+STUDY_KEYS = ("name", "description", "output_dir", "base", "axes", "exclude", "include", "overrides")
 RUN_FIELDS = set(RunConfig.model_fields)
 STAGE_FIELDS = set(StageConfig.model_fields)
 BY_STAGE = "by_stage"
@@ -144,6 +148,7 @@ class Study:
     axes: list[Axis]
     exclude: list[dict]
     include: list[dict]
+    overrides: list[tuple[dict, dict]] = field(default_factory=list)  # (when, partial tree)
 
     def default_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.path.stem
@@ -211,9 +216,16 @@ def load_study(path: str | Path) -> Study:
     exclude, include = ([_assignment(e, axes, f"{where}: {key}[{i}]", new_ok=key == "include")
                          for i, e in enumerate(_as_list(tree.get(key), f"{where}: {key}"))]
                         for key in ("exclude", "include"))
+    overrides = []
+    for i, o in enumerate(_as_list(tree.get("overrides"), f"{where}: overrides")):
+        w = f"{where}: overrides[{i}]"
+        if not isinstance(o, dict) or set(o) != {"when", "set"} or not isinstance(o["set"], dict):
+            raise ConfigError(f"{w}: expected {{when: {{axis: value, ...}}, set: {{partial config}}}}")
+        _check_partial(o["set"], f"{w}.set")
+        overrides.append((_assignment(o["when"], axes, f"{w}.when", new_ok=False), o["set"]))
     name = tree.get("name") or path.stem
     return Study(path, path.read_text(encoding="utf-8"), str(name), str(tree.get("description") or ""),
-                 tree.get("output_dir"), base, axes, exclude, include)
+                 tree.get("output_dir"), base, axes, exclude, include, overrides)
 
 
 def _as_list(v: Any, where: str) -> list:
@@ -273,6 +285,7 @@ def build_tree(study: Study, axes: dict[str, Any]) -> dict:
     for axis in study.axes:
         value = axes[axis.name]
         parts.append(axis.variants[value] if axis.kind == "variant" else {axis.name: value})
+    parts += [tree for when, tree in study.overrides if _matches(axes, when)]
     tree: dict = {}
     for p in parts:  # 1. run level
         deep_merge(tree, {k: v for k, v in p.items() if k in RUN_FIELDS})
@@ -360,15 +373,27 @@ def plan(study: Study) -> list[PlannedRun]:
             cfg = parse_run_config({**tree, "output_dir": f"runs/{rid}"}, source=f"run {rid}")
             check_run(cfg, rid)
         except ConfigError as e:
-            msg = str(e) if str(e).startswith(f"run {rid}") else f"run {rid}: {e}"
-            errors.append(msg)
+            prefix = f"run {rid}: "
+            errors.append((rid, str(e)[len(prefix):] if str(e).startswith(prefix) else str(e)))
             continue
         runs.append(PlannedRun(i, rid, a, tree, cfg))
-    _check_by_stage(study, runs)
     if errors:
-        shown = errors[:8] + ([f"... and {len(errors) - 8} more run(s)"] if len(errors) > 8 else [])
+        grouped: dict[str, list[str]] = {}
+        for rid, msg in errors:
+            grouped.setdefault(msg, []).append(rid)
+        lines = []
+        for msg, rids in itertools.islice(grouped.items(), 8):
+            more = (f" (and {len(rids) - 1} more: {', '.join(rids[1:4])}" + (", ..." if len(rids) > 4 else "") + ")"
+                    if len(rids) > 1 else "")
+            lines.append(f"run {rids[0]}{more}: {msg}")
+        if len(grouped) > 8:
+            lines.append(f"... and {len(grouped) - 8} more distinct error(s)")
         raise ConfigError(f"study {study.path}: {len(errors)} of {len(assignments)} run(s) have invalid "
-                          f"configs:\n" + "\n".join(shown))
+                          f"configs:\n" + "\n".join(lines))
+    _check_by_stage(study, runs)
+    for i, (when, _) in enumerate(study.overrides):
+        if not any(_matches(a, when) for a in assignments):
+            raise ConfigError(f"study {study.path}: overrides[{i}].when {when} matches no run")
     return runs
 
 
@@ -513,8 +538,8 @@ def default_throughput(m: ModelConfig) -> Throughput:
     prec = resolve_precision(m.precision, torch.device("cpu"))
     key = "cpu-bf16" if prec == "bf16" else "cpu-fp32"
     return Throughput(DEFAULT_TOKENS_PER_S[key], DEFAULT_DECODE_STEP_S["cpu"],
-                      f"default for ~135M-parameter models on a 2-core AVX-512 cpu ({prec}): "
-                      f"{DEFAULT_TOKENS_PER_S[key]:.0f} tokens/s")
+                      f"default for ~135M-parameter models on cpu in {prec} (measured on a 2-core AVX-512 "
+                      f"machine): {DEFAULT_TOKENS_PER_S[key]:.0f} tokens/s")
 
 
 def measure_throughput(m: ModelConfig, seq_len: int = 128, batch_size: int = 8, steps: int = 2,

@@ -28,6 +28,18 @@ def require_file(path: str | Path, what: str) -> Path:
     return p
 
 
+def read_text(path: Path) -> str:
+    """A file's text as UTF-8, with an error naming the line of the first undecodable byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                        f"re-save the file as UTF-8") from None
+
+
+
 class Task:
     name: ClassVar[str]
     append_eos: ClassVar[bool] = True  # end completions with EOS (generative tasks learn to stop)

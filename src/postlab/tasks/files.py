@@ -27,10 +27,9 @@ from pathlib import Path
 
 from ..data import Example, Pair, tokenize
 from ..errors import ConfigError, DataError
-from ..logprobs import score_all
+from ..logprobs import completion_nll
 from ..models import LM
-from . import Task, register_task, require_file
-from .sonnets import read_text
+from . import Task, read_text, register_task, require_file
 
 SFT_COLUMNS = ("prompt", "completion")
 PREF_COLUMNS = ("prompt", "chosen", "rejected")
@@ -216,17 +215,6 @@ def _hub_rows(name: str, split: str) -> Read:
         raise DataError(f"{name}: no such local file, and cannot load split {split!r} from the hub ({msg}); "
                         f"pass a local JSONL/CSV/Parquet path, or name the split as {ident}@SPLIT") from None
     return list(ds.column_names), None, ((f"row {i}", rec) for i, rec in enumerate(ds, start=1))
-
-
-def completion_nll(lm: LM, examples: list[Example], batch_size: int, overlength: str = "refuse",
-                   append_eos: bool = True, source: str = "dev") -> tuple[float, int]:
-    """(total NLL, number of tokens) of the completions given their prompts, over completion tokens."""
-    items, _ = tokenize(examples, lm.tokenizer, lm.max_length, overlength, append_eos=append_eos, source=source)
-    total, count = 0.0, 0
-    for _, logps, mask in score_all(lm, items, batch_size):
-        total -= float(logps[mask].double().sum())
-        count += int(mask.sum())
-    return total, count
 
 
 @register_task

@@ -14,7 +14,7 @@ from ..data import Example, Pair, tokenize
 from ..errors import DataError
 from ..logprobs import score_all
 from ..models import LM
-from . import Task, data_dir, register_task, require_file
+from . import Task, data_dir, read_text, register_task, require_file
 
 TEMPLATE = 'Question 1: "{q1}"\nQuestion 2: "{q2}"\nDo these two questions ask the same thing? Answer:'
 LABELS = {1: " yes", 0: " no"}
@@ -23,11 +23,7 @@ COLUMN_SETS = [("sentence1", "sentence2", "is_duplicate"), ("question1", "questi
 
 def read_pairs(path: Path) -> list[tuple[str, str, str, int]]:
     """(id, question 1, question 2, label) from a Quora TSV, with errors naming the line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
-    lines = text.splitlines()
+    lines = read_text(path).splitlines()
     if not lines or not lines[0].strip():
         raise DataError(f"{path}: empty file; expected a header line id<TAB>sentence1<TAB>sentence2<TAB>is_duplicate")
     delim = "\t" if "\t" in lines[0] else ("," if "," in lines[0] else "\t")

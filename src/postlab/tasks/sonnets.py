@@ -31,25 +31,15 @@ from pathlib import Path
 from ..data import Example
 from ..errors import DataError
 from ..generate import generate
+from ..logprobs import completion_nll
 from ..models import LM
-from . import Task, data_dir, register_task, require_file
+from . import Task, data_dir, read_text, register_task, require_file
 
 PROMPT_LINES = 3
 SONNET_LINES = 14
 CONTINUATION_LINES = SONNET_LINES - PROMPT_LINES  # generations are cut after this many lines
 MIN_SONNET_LINES = PROMPT_LINES + 1  # a prompt and at least one line to continue with
 _NUMBER = re.compile(r"[0-9]+")
-
-
-def read_text(path: Path) -> str:
-    """A file's text as UTF-8, with an error naming the line of the first undecodable byte."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-                        f"re-save the file as UTF-8") from None
 
 
 def parse_sonnets(path: str | Path, min_lines: int = MIN_SONNET_LINES) -> list[tuple[int, list[str]]]:
@@ -152,7 +142,6 @@ class Sonnets(Task):
     def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
         import sacrebleu
 
-        from .files import completion_nll
 
         held = self.held_out()
         examples = [self.example(n, lines) for n, lines in held]
