@@ -2,10 +2,17 @@
 SmolLM2 tokenizer, so tests exercise real tokenization at a fraction of the cost."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# Tiny models gain nothing from a second thread, and one thread keeps the suite from fighting a
+# training run (or CI's other job) for the cores. Subprocesses inherit it through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from postlab.models import embedded_tokenizer_dir
 

@@ -185,7 +185,7 @@ def test_plan_estimate_and_measure(tmp_path, tiny_llama, capsys):
     runs = st.plan(st.load_study(path))
     est, notes = st.estimate(runs, measure=True)
     assert all(e.seconds and e.seconds > 0 and e.train_tokens > 0 for e in est)
-    assert any("measured" in t for t in notes["throughput"])
+    assert notes["measured"] and any(t.startswith("measured here") for t in notes["throughput"])
     by = {e.run.run_id: e for e in est}
     assert by["regime=sft-to-dpo,seed=0"].train_tokens > by["regime=sft,seed=0"].train_tokens
 
@@ -324,3 +324,13 @@ def test_sharded_runs_cover_the_study_and_skip_the_report(tmp_path, tiny_llama, 
     assert len(list(out.glob("runs/*/result.json"))) == 3
     assert main(["study", "report", str(out)]) == 0
     assert len(load_runs(out)) == 3
+
+
+def test_missing_data_stops_the_study_before_training(tmp_path, tiny_llama, capsys):
+    path = tiny_study(tmp_path, tiny_llama, regimes=("sft",), seeds=(0,))
+    (tmp_path / "pairs.tsv").unlink()
+    assert main(["study", "plan", str(path)]) == 1
+    assert "data problem" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"task paraphrase \(run regime=sft,seed=0\).*pairs.tsv"):
+        st.run_study(st.load_study(path), tmp_path / "study", progress=False)
+    assert not (tmp_path / "study").exists()

@@ -121,7 +121,7 @@ def cmd_study(a: argparse.Namespace) -> int:
             return 0
         estimates, notes = st.estimate(mine, measure=a.measure)
         print(st.format_plan(study, mine, study_dir, estimates, notes, shard, total=len(runs)))
-        return 0
+        return 1 if notes["unavailable"] else 0
     try:
         outcome = st.run_study(study, study_dir, shard, runs=runs, progress=not a.no_progress)
     except KeyboardInterrupt:

@@ -64,6 +64,7 @@ latency (:data:`DEFAULT_DECODE_STEP_S`, or measured).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -418,6 +419,33 @@ def _check_by_stage(study: Study, runs: list[PlannedRun]) -> None:
                                       f"variant has a stage named {sname!r}")
 
 
+def check_data(runs: list[PlannedRun]) -> None:
+    """Read every distinct local data set the runs train and evaluate on (cheap next to training),
+    so a missing or malformed file stops the study before anything trains, naming the runs."""
+    from .tasks import get_task
+
+    users: dict[str, tuple[Any, list[str]]] = {}
+    for r in runs:
+        for s in r.config.stages:
+            key = s.task.model_dump_json(exclude={"generation", "pairs", "overlength"})
+            users.setdefault(key, (s.task, []))[1].append(r.run_id)
+    problems = []
+    for task_cfg, rids in users.values():
+        sources = [getattr(task_cfg, k) for k in ("train", "dev", "dev_reference") if getattr(task_cfg, k)]
+        if any(not Path(x).exists() and not x.startswith((".", "/", "~")) and "/" in x for x in sources):
+            continue  # a hub dataset id: not downloaded just to check it
+        try:
+            task = get_task(task_cfg)
+            task.train_examples()
+            task.dev_examples()
+        except PostlabError as e:
+            rids = list(dict.fromkeys(rids))
+            more = f" and {len(rids) - 1} more" if len(rids) > 1 else ""
+            problems.append(f"task {task_cfg.name} (run {rids[0]}{more}): {e}")
+    if problems:
+        raise ConfigError("data problems, found before training:\n  " + "\n  ".join(problems))
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -684,6 +712,7 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
                        "characters / 4" if tokens.methods == {"chars/4"} else
                        "the tokenizer where it loads locally, else characters / 4")
     notes["throughput"] = sorted({t.source for t in throughputs.values()})
+    notes["measured"] = measure
     return out, notes
 
 
@@ -747,11 +776,11 @@ def format_plan(study: Study, runs: list[PlannedRun], study_dir: Path, estimates
                       f"one run after another" + (f" ({len(secs) - len(known)} run(s) not estimated)"
                                                   if len(known) < len(secs) else ""),
                   "  These are estimates. Tokens: " + notes.get("tokens", "?") + ". Throughput: " + "; ".join(tps)
-                  + ("" if any("measured" in t for t in tps)
+                  + ("" if notes.get("measured")
                      else " (pass --measure to time training steps of the configured model here)")
                   + ". Time includes reference log-probs, evaluation and generation roughly; LoRA is assumed "
                     "as fast as full fine-tuning."]
-        lines += [f"  not estimated: {u}" for u in notes.get("unavailable", [])]
+        lines += [f"  data problem (such runs would fail): {u}" for u in notes.get("unavailable", [])]
     return "\n".join(lines)
 
 
@@ -817,12 +846,14 @@ def run_study(study: Study, study_dir: str | Path | None = None, shard: tuple[in
     resuming interrupted ones. A run that fails is recorded (error.txt) and the study goes on.
     Writes the report at the end unless sharded (or `report` says otherwise)."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .run import run
 
     study_dir = Path(study_dir) if study_dir is not None else study.default_dir()
     runs = plan(study) if runs is None else runs
     mine = shard_runs(runs, shard)
+    check_data([r for r in mine if not _complete(run_dir(study_dir, r.run_id))])
     study_dir.mkdir(parents=True, exist_ok=True)
     saved = study_dir / "study.yaml"
     if saved.is_file() and saved.read_text(encoding="utf-8") != study.text:
@@ -846,34 +877,37 @@ def run_study(study: Study, study_dir: str | Path | None = None, shard: tuple[in
     if outcome.skipped:
         log.info("study %s: %d of %d run(s) already complete", study.name, len(outcome.skipped), len(mine))
     bar = tqdm(total=len(mine), initial=len(outcome.skipped), position=0, desc=f"study {study.name}", unit="run",
-               dynamic_ncols=True, disable=not progress, bar_format="{desc}: {n}/{total} runs |{bar}| {postfix}")
+               dynamic_ncols=True, disable=not progress,
+               bar_format="{desc}: {n}/{total} runs |{bar}| {elapsed}{postfix}")
+    redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
     try:
-        for k, r in enumerate(todo):
-            out = run_dir(study_dir, r.run_id)
-            left = len(todo) - k
-            eta = _human_s(sum(done_times) / len(done_times) * left) if done_times else "?"
-            bar.set_postfix_str(f"{r.run_id} | ETA {eta}")
-            log.info("study %s: run %d/%d %s", study.name, len(outcome.skipped) + k + 1, len(mine), r.run_id)
-            t0 = time.perf_counter()
-            try:
-                cfg = run_config(study_dir, r)
-                _sync_output_dir(out, cfg)
-                run(cfg, resume=True)
-                _add_axes(out, r.axes)
-            except Exception as e:  # noqa: BLE001 - one failed run must not end the study
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                detail = (f"{type(e).__name__}: {e}\n" if isinstance(e, PostlabError)
-                          else f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
-                atomic_write_text(out / "error.txt", detail)
-                outcome.failed.append((r.run_id, first))
-                log.error("study %s: run %s failed: %s (details in %s)", study.name, r.run_id, first,
-                          out / "error.txt")
-            else:
-                (out / "error.txt").unlink(missing_ok=True)
-                done_times.append(time.perf_counter() - t0)
-                outcome.ran.append(r.run_id)
-            bar.update(1)
-        bar.set_postfix_str("done")
+        with redirect:
+            for k, r in enumerate(todo):
+                out = run_dir(study_dir, r.run_id)
+                left = len(todo) - k
+                eta = _human_s(sum(done_times) / len(done_times) * left) if done_times else "?"
+                bar.set_postfix_str(f"now {r.run_id}, ETA {eta}")
+                log.info("study %s: run %d/%d %s", study.name, len(outcome.skipped) + k + 1, len(mine), r.run_id)
+                t0 = time.perf_counter()
+                try:
+                    cfg = run_config(study_dir, r)
+                    _sync_output_dir(out, cfg)
+                    run(cfg, resume=True)
+                    _add_axes(out, r.axes)
+                except Exception as e:  # noqa: BLE001 - one failed run must not end the study
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    detail = (f"{type(e).__name__}: {e}\n" if isinstance(e, PostlabError)
+                              else f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+                    atomic_write_text(out / "error.txt", detail)
+                    outcome.failed.append((r.run_id, first))
+                    log.error("study %s: run %s failed: %s (details in %s)", study.name, r.run_id, first,
+                              out / "error.txt")
+                else:
+                    (out / "error.txt").unlink(missing_ok=True)
+                    done_times.append(time.perf_counter() - t0)
+                    outcome.ran.append(r.run_id)
+                bar.update(1)
+            bar.set_postfix_str("done")
     finally:
         bar.close()
     if (report if report is not None else shard is None):
