@@ -53,3 +53,46 @@ def test_sft_then_dpo_two_stages_and_reference_cache_reuse(tiny_llama, tmp_path,
     with caplog.at_level(logging.INFO, logger="postlab"):
         run(parse_run_config(only))
     assert any("reusing cache" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("method", ["fft", "lora"])
+def test_resume_across_the_stage_boundary(tiny_llama, tmp_path, method):
+    """Killed inside the DPO stage: the resumed run reloads the finished SFT model from disk, reuses
+    the reference cache and ends with the same weights as an uninterrupted run."""
+    import torch
+    from safetensors.torch import load_file
+
+    import postlab.train as train_mod
+
+    data = write_pairs(tmp_path / "pairs.tsv", n=12)
+
+    def config(out):
+        tree = run_config(tiny_llama, out, data, epochs=2, save_every_steps=1,
+                          parameterization={"method": method, "lora": {"r": 4, "dropout": 0.1}})
+        tree["stages"].append({**tree["stages"][0], "name": "dpo", "objective": {"name": "dpo"}})
+        return parse_run_config(tree)
+
+    run(config(tmp_path / "full"))
+    real_step, calls = train_mod.torch.optim.AdamW.step, {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:  # SFT has 6 steps: this is DPO's third
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    train_mod.torch.optim.AdamW.step = dying_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(config(tmp_path / "part"))
+    finally:
+        train_mod.torch.optim.AdamW.step = real_step
+    assert (tmp_path / "part" / "0-sft" / "done.json").is_file()
+    assert not (tmp_path / "part" / "1-dpo" / "done.json").exists()
+    run(config(tmp_path / "part"), resume=True)
+    a = load_file(str(tmp_path / "full" / "1-dpo" / "checkpoint" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "part" / "1-dpo" / "checkpoint" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full = json.loads((tmp_path / "full" / "result.json").read_text())
+    part = json.loads((tmp_path / "part" / "result.json").read_text())
+    assert full["metrics"] == part["metrics"]

@@ -12,6 +12,7 @@ import yaml
 
 from postlab import study as st
 from postlab.cli import main
+from postlab.estimate import estimate
 from postlab.errors import ConfigError, TrainingError
 from postlab.report import find_incomplete, load_runs
 
@@ -183,7 +184,7 @@ def test_plan_estimate_and_measure(tmp_path, tiny_llama, capsys):
     assert "tokenizer" in out  # the tiny model's directory holds a tokenizer
 
     runs = st.plan(st.load_study(path))
-    est, notes = st.estimate(runs, measure=True)
+    est, notes = estimate(runs, measure=True)
     assert all(e.seconds and e.seconds > 0 and e.train_tokens > 0 for e in est)
     assert notes["measured"] and any(t.startswith("measured here") for t in notes["throughput"])
     by = {e.run.run_id: e for e in est}

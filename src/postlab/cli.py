@@ -119,7 +119,9 @@ def cmd_study(a: argparse.Namespace) -> int:
                                "config": st.run_config(study_dir, r).model_dump(mode="json")} for r in mine],
                              indent=2, default=str))
             return 0
-        estimates, notes = st.estimate(mine, measure=a.measure)
+        from .estimate import estimate
+
+        estimates, notes = estimate(mine, measure=a.measure)
         print(st.format_plan(study, mine, study_dir, estimates, notes, shard, total=len(runs)))
         return 1 if notes["unavailable"] else 0
     try:

@@ -57,7 +57,7 @@ A study directory::
 Cost estimates (``postlab study plan``) are estimates: token counts come from the configured
 tokenizer on a sample of each data set when it loads locally (else characters / 4); time divides
 training tokens by a throughput (tokens/s), measured here with ``--measure`` (a few training steps
-of the configured model) or else a documented default per device (:data:`DEFAULT_TOKENS_PER_S`).
+of the configured model) or else a documented default per device (:data:`postlab.estimate.DEFAULT_TOKENS_PER_S`).
 Forward-only tokens (reference log-probs, evaluation) count a third of a training token;
 generation (sonnet evaluation, sampled preference pairs) counts decode steps times a per-step
 latency (:data:`DEFAULT_DECODE_STEP_S`, or measured).
@@ -81,9 +81,10 @@ from typing import Any
 import yaml
 
 from .checkpoint import atomic_write_json, atomic_write_text
-from .config import (ModelConfig, RunConfig, StageConfig, apply_overrides, dump_config, parse_run_config,
+from .config import (RunConfig, StageConfig, apply_overrides, dump_config, parse_run_config,
                      read_yaml)
 from .errors import ConfigError, PostlabError
+from .estimate import RunEstimate, human_n, human_s
 
 log = logging.getLogger("postlab")
 
@@ -92,17 +93,7 @@ RUN_FIELDS = set(RunConfig.model_fields)
 STAGE_FIELDS = set(StageConfig.model_fields)
 BY_STAGE = "by_stage"
 
-# Throughput defaults, for a ~135M-parameter model (SmolLM2-135M) with this training loop.
-# cpu: measured on a 2-core AVX-512 machine: a full fine-tuning step of 8x128 tokens takes ~4.5 s
-# with bf16 autocast (~230 tokens/s) and ~7 s in fp32 (~145 tokens/s).
-# cuda: a rough figure for one recent data-center GPU at the small batches used here (~1-2k
-# tokens a step, so per-step overhead dominates); measure with --measure.
-DEFAULT_TOKENS_PER_S = {"cpu-bf16": 230.0, "cpu-fp32": 145.0, "cuda": 20000.0}
-# One decode step (one new token for a batch of prompts) with the KV cache.
-DEFAULT_DECODE_STEP_S = {"cpu": 0.06, "cuda": 0.03}
-FORWARD_COST = 1 / 3  # a forward-only token vs a training (forward+backward) token
-STAGE_OVERHEAD_S = {"cpu": 8.0, "cuda": 4.0}  # model load/save per stage
-TOKENIZER_SAMPLE = 200  # examples tokenized per data set for the token estimate
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,280 +454,6 @@ def shard_runs(runs: list[PlannedRun], shard: tuple[int, int] | None) -> list[Pl
     return [r for r in runs if r.index % n == i]
 
 
-# --------------------------------------------------------------------------------------------
-# Cost estimate
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class DataStats:
-    n: int
-    prompt_tokens: float  # mean per example
-    completion_tokens: float  # mean per example (with EOS where the task appends it)
-    single_token: bool  # every sampled completion is one token (answers share one row)
-
-
-@dataclass
-class Throughput:
-    tokens_per_s: float
-    decode_step_s: float
-    source: str  # how it was obtained
-
-
-@dataclass
-class StageEstimate:
-    name: str
-    examples: int | None
-    epochs: float
-    train_tokens: float | None
-    seconds: float | None
-
-
-@dataclass
-class RunEstimate:
-    run: PlannedRun
-    stages: list[StageEstimate]
-
-    @property
-    def train_tokens(self) -> float | None:
-        t = [s.train_tokens for s in self.stages]
-        return None if any(x is None for x in t) else sum(t)
-
-    @property
-    def seconds(self) -> float | None:
-        t = [s.seconds for s in self.stages]
-        return None if any(x is None for x in t) else sum(t)
-
-
-class _Tokens:
-    """Token counts: the model's tokenizer when it loads locally, else characters / 4."""
-
-    def __init__(self):
-        self._tok: dict[str, Any] = {}
-        self.methods: set[str] = set()
-
-    def tokenizer(self, model: str):
-        if model not in self._tok:
-            self._tok[model] = None
-            try:
-                from .models import EMBEDDED, embedded_tokenizer_dir, load_tokenizer
-
-                if model in EMBEDDED:
-                    self._tok[model] = load_tokenizer(str(embedded_tokenizer_dir(model)))
-                elif Path(model).expanduser().is_dir():
-                    self._tok[model] = load_tokenizer(str(Path(model).expanduser()))
-            except Exception as e:  # noqa: BLE001 - an estimate falls back, never fails
-                log.debug("no tokenizer for %s (%s); estimating tokens as characters / 4", model, e)
-        return self._tok[model]
-
-    def stats(self, examples: list, model: str, eos: bool) -> DataStats:
-        if not examples:
-            return DataStats(0, 0.0, 0.0, False)
-        step = max(1, len(examples) // TOKENIZER_SAMPLE)
-        sample = examples[::step][:TOKENIZER_SAMPLE]
-        tok = self.tokenizer(model)
-        if tok is not None:
-            self.methods.add("tokenizer")
-            p = [len(tok(ex.prompt, add_special_tokens=False).input_ids) for ex in sample]
-            c = [len(tok(ex.completion, add_special_tokens=False).input_ids) for ex in sample]
-        else:
-            self.methods.add("chars/4")
-            p = [max(1, round(len(ex.prompt) / 4)) for ex in sample]
-            c = [max(1, round(len(ex.completion) / 4)) for ex in sample]
-        single = not eos and all(x <= 1 for x in c)
-        return DataStats(len(examples), sum(p) / len(p), sum(c) / len(c) + (1 if eos else 0), single)
-
-
-def _device_type(m: ModelConfig) -> str:
-    if m.device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if m.device.startswith("cuda") else "cpu"
-
-
-def default_throughput(m: ModelConfig) -> Throughput:
-    dev = _device_type(m)
-    if dev == "cuda":
-        return Throughput(DEFAULT_TOKENS_PER_S["cuda"], DEFAULT_DECODE_STEP_S["cuda"],
-                          f"default for ~135M-parameter models on cuda: {DEFAULT_TOKENS_PER_S['cuda']:.0f} "
-                          f"tokens/s (rough)")
-    from .models import resolve_precision
-    import torch
-
-    prec = resolve_precision(m.precision, torch.device("cpu"))
-    key = "cpu-bf16" if prec == "bf16" else "cpu-fp32"
-    return Throughput(DEFAULT_TOKENS_PER_S[key], DEFAULT_DECODE_STEP_S["cpu"],
-                      f"default for ~135M-parameter models on cpu in {prec} (measured on a 2-core AVX-512 "
-                      f"machine): {DEFAULT_TOKENS_PER_S[key]:.0f} tokens/s")
-
-
-def measure_throughput(m: ModelConfig, seq_len: int = 128, batch_size: int = 8, steps: int = 2,
-                       decode_steps: int = 8) -> Throughput:
-    """Time `steps` full fine-tuning steps (forward, backward, AdamW) of the configured model on a
-    random batch of `batch_size` x `seq_len` tokens after one warm-up step, and a few decode steps."""
-    import torch
-
-    from .data import Tokenized, score_batch
-    from .logprobs import score
-    from .models import load_lm
-
-    lm = load_lm(m.name, m.device, m.precision, m.trust_remote_code, m.max_length)
-    seq_len = max(4, min(seq_len, lm.max_length))
-    vocab = int(lm.model.config.vocab_size)
-    g = torch.Generator().manual_seed(0)
-
-    def rand(n: int) -> list[int]:
-        return torch.randint(0, vocab, (n,), generator=g).tolist()
-
-    half = seq_len // 2
-    items = [Tokenized(rand(half), [rand(seq_len - half)]) for _ in range(batch_size)]
-    batch = score_batch(items, lm.tokenizer.pad_token_id).to(lm.device)
-    params = [p for p in lm.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-12)
-    lm.model.train()
-
-    def sync():
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize(lm.device)
-
-    def step():
-        logps, mask = score(lm, batch)
-        loss = -(logps * mask).sum() / mask.sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    sync()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    tps = steps * batch.n_tokens / (time.perf_counter() - t)
-    lm.model.eval()
-    ids = torch.tensor([rand(32) for _ in range(4)], device=lm.device)
-    with torch.no_grad(), lm.autocast():
-        lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
-                          do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
-        sync()
-        t = time.perf_counter()
-        lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode_steps,
-                          min_new_tokens=decode_steps, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
-        sync()
-    dec = (time.perf_counter() - t) / decode_steps
-    return Throughput(tps, dec, f"measured here ({m.name} on {lm.device}, {lm.precision}, {steps} steps of "
-                                f"{batch_size}x{seq_len} tokens): {tps:.0f} tokens/s")
-
-
-def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEstimate], dict]:
-    """Per-run estimates and notes on how they were made (see the module doc)."""
-    from .objectives import get_objective
-    from .tasks import get_task
-
-    tokens = _Tokens()
-    data: dict[tuple, tuple[DataStats, DataStats] | None] = {}
-    notes: dict[str, Any] = {"unavailable": []}
-
-    def stats(stage: StageConfig, model: str):
-        key = (model, stage.task.model_dump_json(exclude={"generation", "pairs"}))
-        if key not in data:
-            try:
-                task = get_task(stage.task)
-                train = tokens.stats(task.train_examples(), model, task.append_eos)
-                try:
-                    dev = tokens.stats(task.dev_examples(), model, task.append_eos)
-                except PostlabError:
-                    dev = DataStats(0, 0.0, 0.0, False)
-                data[key] = (train, dev)
-            except PostlabError as e:
-                data[key] = None
-                notes["unavailable"].append(f"{stage.task.name}: {e}")
-        return data[key]
-
-    throughputs: dict[str, Throughput] = {}
-
-    def throughput(m: ModelConfig, seq: float, batch: int) -> Throughput:
-        key = m.model_dump_json(exclude={"max_length"})
-        if key not in throughputs:
-            throughputs[key] = (measure_throughput(m, int(seq) or 128, batch) if measure
-                                else default_throughput(m))
-        return throughputs[key]
-
-    out = []
-    for r in runs:
-        m = r.config.model
-        dev_type = _device_type(m)
-        stages = []
-        for s in r.config.stages:
-            st = stats(s, m.name)
-            if st is None:
-                stages.append(StageEstimate(s.name, None, s.epochs, None, None))
-                continue
-            train, dev = st
-            spec = get_objective(s.objective.name)
-            task = get_task(s.task)
-            per_example = train.prompt_tokens + train.completion_tokens
-            gen_steps = 0.0
-            n = train.n
-            if spec.kind == "preference":
-                from .preferences import draws, needs_sampler
-
-                if needs_sampler(task):
-                    n = train.n * s.task.pairs.k
-                    gen_steps += (math.ceil(train.n / s.task.pairs.generation.batch_size) * draws(s.task.pairs)
-                                  * s.task.pairs.generation.max_new_tokens)
-                per_example = (train.prompt_tokens + 1 if train.single_token
-                               else 2 * train.prompt_tokens + 2 * train.completion_tokens)
-            batch = s.optim.batch_size * s.optim.grad_accum
-            steps_per_epoch = math.ceil(n / batch) if n else 0
-            steps = steps_per_epoch * s.epochs
-            if s.max_steps:
-                steps = min(steps, s.max_steps)
-            epochs = steps / steps_per_epoch if steps_per_epoch else 0.0
-            train_tokens = n * per_example * epochs
-            fwd = n * per_example if spec.needs_reference else 0.0
-            evals = math.ceil(epochs) + int(s.eval_at_start)
-            if s.eval_every_steps:
-                evals += steps // s.eval_every_steps
-            dev_tokens = dev.n * (dev.prompt_tokens + (0 if task.name == "paraphrase" else dev.completion_tokens))
-            fwd += evals * dev_tokens
-            if task.name == "sonnets":  # evaluation generates the held-out sonnets
-                gen_steps += evals * math.ceil(dev.n / s.task.generation.batch_size) * s.task.generation.max_new_tokens
-            tp = throughput(m, per_example, s.optim.batch_size)
-            seconds = ((train_tokens + FORWARD_COST * fwd) / tp.tokens_per_s + gen_steps * tp.decode_step_s
-                       + STAGE_OVERHEAD_S[dev_type])
-            stages.append(StageEstimate(s.name, n, epochs, train_tokens, seconds))
-        out.append(RunEstimate(r, stages))
-    notes["tokens"] = ("the model's tokenizer on a sample of up to %d examples per data set" % TOKENIZER_SAMPLE
-                       if tokens.methods == {"tokenizer"} else
-                       "characters / 4" if tokens.methods == {"chars/4"} else
-                       "the tokenizer where it loads locally, else characters / 4")
-    notes["throughput"] = sorted({t.source for t in throughputs.values()})
-    notes["measured"] = measure
-    return out, notes
-
-
-def _human_s(s: float | None) -> str:
-    if s is None or math.isnan(s):
-        return "?"
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    if s < 48 * 3600:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} d"
-
-
-def _human_n(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
-
-
 def format_plan(study: Study, runs: list[PlannedRun], study_dir: Path, estimates: list[RunEstimate] | None = None,
                 notes: dict | None = None, shard: tuple[int, int] | None = None, total: int | None = None) -> str:
     """The plan as text: one line per run (index, run id, stages), with estimates when given."""
@@ -759,7 +476,7 @@ def format_plan(study: Study, runs: list[PlannedRun], study_dir: Path, estimates
             table.append([str(r.index), r.run_id, ", ".join(f"{s.name} ?x{s.epochs}" for s in r.config.stages)])
             continue
         stages = ", ".join(f"{s.name} {s.examples if s.examples is not None else '?'}x{s.epochs:g}" for s in e.stages)
-        table.append([str(r.index), r.run_id, stages, _human_n(e.train_tokens), _human_s(e.seconds)])
+        table.append([str(r.index), r.run_id, stages, human_n(e.train_tokens), human_s(e.seconds)])
     widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(table[0]))]
     right = {0, 3, 4}
     lines.append("")
@@ -772,7 +489,7 @@ def format_plan(study: Study, runs: list[PlannedRun], study_dir: Path, estimates
         known = [s for s in secs if s is not None]
         toks = sum(e.train_tokens for e in estimates if e.train_tokens is not None)
         tps = notes.get("throughput", [])
-        lines += ["", f"  total: {len(runs)} run(s), ~{_human_n(toks)} training tokens, ~{_human_s(sum(known))} "
+        lines += ["", f"  total: {len(runs)} run(s), ~{human_n(toks)} training tokens, ~{human_s(sum(known))} "
                       f"one run after another" + (f" ({len(secs) - len(known)} run(s) not estimated)"
                                                   if len(known) < len(secs) else ""),
                   "  These are estimates. Tokens: " + notes.get("tokens", "?") + ". Throughput: " + "; ".join(tps)
@@ -885,7 +602,7 @@ def run_study(study: Study, study_dir: str | Path | None = None, shard: tuple[in
             for k, r in enumerate(todo):
                 out = run_dir(study_dir, r.run_id)
                 left = len(todo) - k
-                eta = _human_s(sum(done_times) / len(done_times) * left) if done_times else "?"
+                eta = human_s(sum(done_times) / len(done_times) * left) if done_times else "?"
                 bar.set_postfix_str(f"now {r.run_id}, ETA {eta}")
                 log.info("study %s: run %d/%d %s", study.name, len(outcome.skipped) + k + 1, len(mine), r.run_id)
                 t0 = time.perf_counter()
