@@ -22,7 +22,7 @@ from .data import tokenize
 from .errors import ConfigError
 from .models import LM, load_lm, postlab_home
 from .objectives import get_objective, parse_args
-from .parameterization import apply_parameterization, describe, is_peft
+from .parameterization import apply_parameterization, count_parameters, describe, is_peft
 from .preferences import build_pairs, needs_sampler
 from .tasks import get_task
 from .train import MetricsLog, train_stage
@@ -158,8 +158,9 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
         save_model(lm, sdir / "model")
         if not is_peft(lm.model):
             lm.source = str(sdir / "model")
+    trainable, total = count_parameters(lm.model)
     done = {"name": stage.name, "objective": stage.objective.name, "parameterization": stage.parameterization.method,
-            "examples": len(items), **summary}
+            "trainable_params": trainable, "total_params": total, "examples": len(items), **summary}
     atomic_write_json(sdir / "done.json", done)
     return done
 
