@@ -23,10 +23,10 @@ def demo_config(data: str, output_dir: str) -> dict:
         "stages": [{
             "name": "sft",
             "task": {"name": "paraphrase", "train": str(quora / "quora-train.tsv"), "dev": str(quora / "quora-dev.tsv"),
-                     "train_limit": 480, "dev_limit": 200},
+                     "train_limit": 800, "dev_limit": 200},
             "objective": {"name": "nll"},
             "parameterization": {"method": "fft"},
-            "optim": {"lr": 2e-5, "batch_size": 16, "warmup_ratio": 0.05},
+            "optim": {"lr": 5e-5, "batch_size": 16, "warmup_ratio": 0.05},
             "epochs": 1,
             "eval_batch_size": 32,
             "save_model": False,
@@ -38,7 +38,7 @@ def demo(data: str, output_dir: str) -> int:
     if not (Path(data) / "quora" / "quora-train.tsv").is_file():
         raise DataError(f"{data}: the shared data (quora/quora-train.tsv) is not there; pass --data DIR")
     cfg = parse_run_config(demo_config(data, output_dir), source="demo")
-    log.info("demo: SFT (FFT) of the embedded SmolLM2-135M on 480 Quora pairs, dev on 200; outputs in %s", output_dir)
+    log.info("demo: SFT (FFT) of the embedded SmolLM2-135M on 800 Quora pairs, dev on 200; outputs in %s", output_dir)
     result = run(cfg, resume=True)
     stage = result["stages"][0]
     first = _first_dev(Path(output_dir) / "metrics.jsonl")
