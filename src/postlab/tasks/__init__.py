@@ -55,7 +55,8 @@ class Task:
         raise NotImplementedError
 
     def preference_pairs(self, split: str = "train") -> list[Pair]:
-        raise ConfigError(f"task {self.name!r} has no preference pairs of its own; use task.name: file "
+        raise ConfigError(f"task {self.name!r} has no preference pairs of its own: build them with "
+                          f"postlab.preferences.build_pairs (sampled rejected answers), or use task.name: file "
                           f"with a prompt/chosen/rejected file")
 
     def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
