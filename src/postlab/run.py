@@ -138,6 +138,7 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
         lm.source = str(sdir / "base")
     log.info("stage %s: %s, objective %s, %s", stage.name, stage.parameterization.method, stage.objective.name,
              describe(lm.model))
+    t_prepare = time.perf_counter()
     task, spec, items = stage_items(lm, stage, cfg.model)
     args = parse_args(spec, stage.objective.args)
     reference = None
@@ -153,6 +154,7 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
     def evaluate() -> dict[str, float]:
         return task.evaluate(lm, sdir / "eval", stage.eval_batch_size)
 
+    prepare_s = round(time.perf_counter() - t_prepare, 2)  # data, sampled pairs, reference pass
     summary = train_stage(lm, stage, spec, args, items, sdir, cfg.seed * 100 + i, metrics, evaluate, reference)
     if stage.save_model or not last:  # later stages (and their resumption) start from this model
         save_model(lm, sdir / "model")
@@ -160,7 +162,8 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
             lm.source = str(sdir / "model")
     trainable, total = count_parameters(lm.model)
     done = {"name": stage.name, "objective": stage.objective.name, "parameterization": stage.parameterization.method,
-            "trainable_params": trainable, "total_params": total, "examples": len(items), **summary}
+            "trainable_params": trainable, "total_params": total, "examples": len(items), **summary,
+            "train_s": summary["wall_s"], "prepare_s": prepare_s, "wall_s": round(summary["wall_s"] + prepare_s, 2)}
     atomic_write_json(sdir / "done.json", done)
     return done
 
