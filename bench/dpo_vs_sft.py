@@ -18,28 +18,14 @@ from pathlib import Path
 
 import torch
 
-from postlab.cache import cached_token_logps
-from postlab.config import StageConfig
-from postlab.data import tokenize
+from common import case_data, postlab_stage
 from postlab.models import load_lm
-from postlab.objectives import get_objective
-from postlab.tasks import get_task
-from postlab.train import MetricsLog, train_stage
 
 
 def one_stage(model: str, objective: str, pairs: int, batch: int, data: str) -> float:
-    lm = load_lm(model)
-    cfg = StageConfig(name=objective, task={"name": "paraphrase", "train": f"{data}/quora/quora-train.tsv",
-                                            "train_limit": pairs},
-                      objective={"name": objective}, optim={"lr": 1e-5, "batch_size": batch}, eval_at_start=False)
-    task, spec = get_task(cfg.task), get_objective(objective)
-    raw = task.preference_pairs("train") if spec.kind == "preference" else task.train_examples()
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        items, _ = tokenize(raw, lm.tokenizer, lm.max_length, append_eos=False)
-        ref = cached_token_logps(lm, items, "reference", 32, Path(d)) if spec.needs_reference else None
-        train_stage(lm, cfg, spec, spec.args(), items, Path(d), 0, MetricsLog(Path(d) / "m.jsonl"), lambda: {}, ref)
-        return time.perf_counter() - t0
+    """Seconds for a whole stage: tokenizing excluded, the reference pass (DPO) included."""
+    raw = case_data("paraphrase", "sft" if objective == "nll" else "dpo", pairs, data)
+    return postlab_stage(load_lm(model), objective, raw, batch, 1e-5, append_eos=False)["seconds"]
 
 
 def main() -> None:

@@ -20,6 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """Each test gets its own result cache (log-probs, samples, evaluations, completed stages), so no
+    test sees another's results; the converted model and tokenizer stay shared."""
+    monkeypatch.setenv("POSTLAB_CACHE", str(tmp_path / "postlab-cache"))
+    return tmp_path / "postlab-cache"
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return embedded_tokenizer_dir()

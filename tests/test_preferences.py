@@ -214,6 +214,7 @@ def test_stage_items_picks_the_sampler(tiny_llama, sonnet_files, tmp_path, monke
     from postlab.run import stage_items
 
     monkeypatch.setenv("POSTLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("POSTLAB_CACHE", str(tmp_path / "home" / "cache"))
     home = tmp_path / "home"
     base_hash = weights_hash(load_lm(str(tiny_llama)).model)
     policy = load_lm(str(tiny_llama), device="cpu")
@@ -244,6 +245,7 @@ def test_sft_then_dpo_run_on_sonnets(tiny_llama, sonnet_files, tmp_path, monkeyp
     from postlab.run import run
 
     monkeypatch.setenv("POSTLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("POSTLAB_CACHE", str(tmp_path / "home" / "cache"))
     task = {"name": "sonnets", "train_limit": 4, "dev_limit": 2, **sonnet_files,
             "generation": {"max_new_tokens": 8, "batch_size": 4}, "pairs": {"generation": {"max_new_tokens": 8}}}
     common = {"task": task, "optim": {"lr": 1e-3, "batch_size": 4}, "epochs": 1, "log_every": 1}

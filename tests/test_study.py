@@ -13,7 +13,7 @@ import yaml
 from postlab import study as st
 from postlab.cli import main
 from postlab.estimate import estimate
-from postlab.errors import ConfigError, TrainingError
+from postlab.errors import ConfigError, DataError, TrainingError
 from postlab.report import find_incomplete, load_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,7 +168,7 @@ def test_presets_plan(capsys, monkeypatch):
     assert [s.optim.lr for s in r.stages] == [5.0e-4, 5.0e-5]
     assert r.stages[0].task.generation.max_new_tokens == 120
     r = quick["task=paraphrase,regime=dpo,param=fft,seed=0"].config
-    assert (r.stages[0].objective.name, r.stages[0].optim.lr, r.stages[0].task.train_limit) == ("dpo", 5.0e-6, 300)
+    assert (r.stages[0].objective.name, r.stages[0].optim.lr, r.stages[0].task.train_limit) == ("dpo", 5.0e-6, 200)
 
 
 def test_plan_estimate_and_measure(tmp_path, tiny_llama, capsys):
@@ -335,3 +335,32 @@ def test_missing_data_stops_the_study_before_training(tmp_path, tiny_llama, caps
     with pytest.raises(ConfigError, match=r"task paraphrase \(run regime=sft,seed=0\).*pairs.tsv"):
         st.run_study(st.load_study(path), tmp_path / "study", progress=False)
     assert not (tmp_path / "study").exists()
+
+
+def test_demo_runs_a_study_on_the_data_dir_and_prints_the_main_table(tmp_path, tiny_llama, capsys, monkeypatch):
+    from postlab.demo import demo
+
+    monkeypatch.setenv("POSTLAB_DATA", "unset")  # demo() points it at --data; restored after the test
+    data = tmp_path / "data"
+    (data / "quora").mkdir(parents=True)
+    (data / "sonnets").mkdir()
+    write_pairs(data / "quora" / "quora-train.tsv")
+    write_pairs(data / "quora" / "quora-dev.tsv")
+    (data / "sonnets" / "sonnets.txt").write_text("1\n")
+    tree = {"name": "mini",
+            "base": {"model": {"name": str(tiny_llama)}, "task": {"name": "paraphrase", "dev_limit": 8},
+                     "optim": {"lr": 1.0e-3, "batch_size": 4}, "epochs": 1},
+            "axes": {"regime": {"sft": {"stages": [{"name": "sft", "objective": {"name": "nll"}}]}}}}
+    study = write_study(tmp_path / "mini.yaml", tree)
+    assert demo(str(data), study, str(tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    assert "1 run(s) trained" in out
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert table and "accuracy" in out  # the report's main table, printed
+    assert f"report     {tmp_path / 'out' / 'report' / 'report.md'}" in out
+    result = json.loads((tmp_path / "out" / "runs" / "regime=sft" / "result.json").read_text())
+    assert result["metrics"]["n"] == 8  # the dev file under --data was read
+
+    with pytest.raises(DataError, match="sonnets/sonnets.txt"):
+        (data / "sonnets" / "sonnets.txt").unlink()
+        demo(str(data), study, str(tmp_path / "out2"))

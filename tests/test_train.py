@@ -37,7 +37,8 @@ def run_config(model: Path, out: Path, data: Path, **stage) -> dict:
             base[k] = {**base[k], **v}
         else:
             base[k] = v
-    return {"model": {"name": str(model)}, "output_dir": str(out), "seed": 0, "stages": [base]}
+    # Tests of training train: no stage copied from another run (tests/test_reuse.py turns it on).
+    return {"model": {"name": str(model)}, "output_dir": str(out), "seed": 0, "stages": [base], "reuse_stages": False}
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -155,3 +156,17 @@ def test_existing_run_needs_resume_flag(tiny_llama, tmp_path):
     changed = parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=2))
     with pytest.raises(ConfigError, match="differs"):
         run(changed, resume=True)
+
+
+def test_max_completion_tokens_cuts_training_answers_without_eos(tiny_llama):
+    from postlab.data import Pair
+
+    lm = load_lm(str(tiny_llama))
+    pairs = [Pair("Continue:", " one two three four five six seven", " a b", "x")]
+    full, _ = tokenize(pairs, lm.tokenizer, 128)
+    cut, _ = tokenize(pairs, lm.tokenizer, 128, max_completion_tokens=3)
+    eos = lm.tokenizer.eos_token_id
+    assert full[0].completions[0][-1] == eos and len(full[0].completions[0]) > 3
+    assert cut[0].completions[0] == full[0].completions[0][:3] and eos not in cut[0].completions[0]
+    assert cut[0].completions[1] == full[0].completions[1][:3]  # short answers keep their EOS
+    assert cut[0].prompt == full[0].prompt

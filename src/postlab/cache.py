@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -14,14 +15,29 @@ from safetensors.torch import save_file
 
 from .data import Tokenized
 from .logprobs import token_logps
-from .models import LM, postlab_home
+from .models import LM, cache_dir
 
 log = logging.getLogger("postlab")
 
 
+def _function_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that define what `model` computes. A PEFT model whose LoRA adapters are all still
+    zero (fresh: B = 0) computes its base model's function, and is described by the base's tensors
+    under the base's names, so caches of the base model (reference log-probs, evaluations) are
+    shared between FFT and LoRA runs."""
+    sd = model.state_dict()
+    if not hasattr(model, "peft_config"):
+        return sd
+    lora_b = [t for k, t in sd.items() if "lora_B" in k]
+    if not lora_b or any(bool(t.any()) for t in lora_b):
+        return sd
+    return {k.removeprefix("base_model.model.").replace(".base_layer.", "."): t
+            for k, t in sd.items() if "lora_" not in k}
+
+
 def weights_hash(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(_function_state(model).items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -69,13 +85,13 @@ def _load(path: Path, key: str, n_items: int) -> list[list[torch.Tensor]] | None
 
 
 def cached_token_logps(lm: LM, items: list[Tokenized], role: str, batch_size: int = 16,
-                       cache_dir: Path | None = None) -> list[list[torch.Tensor]]:
+                       directory: Path | None = None) -> list[list[torch.Tensor]]:
     """Per item, per completion: the model's per-token log-probs (fp32, CPU). `role` names the use
     (reference, teacher) in logs and file names."""
     key = cache_key(lm, items, {"role": role})
-    cache_dir = cache_dir or postlab_home() / "cache" / "logps"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{role}-{key}.safetensors"
+    directory = directory or cache_dir() / "logps"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{role}-{key}.safetensors"
     if path.is_file():
         got = _load(path, key, len(items))
         if got is not None:
@@ -85,3 +101,35 @@ def cached_token_logps(lm: LM, items: list[Tokenized], role: str, batch_size: in
     _save(path, key, out)
     log.info("%s log-probs: computed for %d items, cached at %s", role, len(items), path)
     return out
+
+
+def cached_evaluation(lm: LM, settings: dict, out_dir: Path, compute: Callable[[Path], dict[str, float]]) -> dict[str, float]:
+    """Task metrics of `lm` under `settings` (the task's dev data and evaluation settings), computed
+    once per model weights: the base model's evaluation is shared by every run that starts from it,
+    and a stage's starting evaluation is its predecessor's final one. Files the evaluation writes
+    (predictions, generated text) are kept with the cached metrics and copied to `out_dir`."""
+    import shutil
+
+    from . import __version__
+    from .checkpoint import atomic_write_json
+
+    key = cache_key(lm, [], {"role": "evaluation", "postlab": __version__, **settings})
+    entry = cache_dir() / "eval" / key
+    metrics_file = entry / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("%s: unreadable cached evaluation (%s); evaluating again", metrics_file, e)
+        else:
+            log.info("evaluation: reusing cached result for these weights (%s)", entry)
+            if (entry / "files").is_dir():
+                shutil.copytree(entry / "files", out_dir, dirs_exist_ok=True)
+            return metrics
+    files = entry / "files"
+    shutil.rmtree(files, ignore_errors=True)
+    files.mkdir(parents=True, exist_ok=True)
+    metrics = compute(files)
+    shutil.copytree(files, out_dir, dirs_exist_ok=True)
+    atomic_write_json(metrics_file, metrics)  # last: an entry without it is incomplete
+    return metrics

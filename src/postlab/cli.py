@@ -97,7 +97,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import demo
 
-    return demo(a.data, a.output_dir)
+    return demo(a.data, study_dir=a.study_dir)
 
 
 def cmd_study(a: argparse.Namespace) -> int:
@@ -181,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--merge", action="store_true")
     x.set_defaults(fn=cmd_export)
 
-    d = sub.add_parser("demo", help="the main job on the embedded model and the shared data")
+    d = sub.add_parser("demo", help="the main job: studies/quick.yaml on the embedded model and the shared data")
     d.add_argument("--data", default="../shared/data")
-    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--study-dir", default=None, help="where the study's runs and report go (default runs/quick)")
     d.set_defaults(fn=cmd_demo)
 
     st = sub.add_parser("study", help="plan, run and report a study: a grid of runs (studies/*.yaml)")

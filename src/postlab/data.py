@@ -52,7 +52,8 @@ class TokenizeReport:
 
 
 def tokenize(examples: list[Example] | list[Pair], tokenizer, max_length: int, overlength: str = "refuse",
-             append_eos: bool = True, source: str = "data") -> tuple[list[Tokenized], TokenizeReport]:
+             append_eos: bool = True, source: str = "data",
+             max_completion_tokens: int | None = None) -> tuple[list[Tokenized], TokenizeReport]:
     """Tokenize prompt and completion(s) separately (so the boundary is exact). Too long: refuse, or
     drop tokens from the start of the prompt, keeping the completion whole."""
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
@@ -60,7 +61,7 @@ def tokenize(examples: list[Example] | list[Pair], tokenizer, max_length: int, o
     for i, ex in enumerate(examples):
         texts = [ex.completion] if isinstance(ex, Example) else [ex.chosen, ex.rejected]
         prompt = tokenizer(ex.prompt, add_special_tokens=False).input_ids
-        comps = [tokenizer(t, add_special_tokens=False).input_ids + eos for t in texts]
+        comps = [(tokenizer(t, add_special_tokens=False).input_ids + eos)[:max_completion_tokens] for t in texts]
         if not prompt:
             raise DataError(f"{source}: example {ex.id or i} has an empty prompt (the first token has nothing "
                             f"to be predicted from)")

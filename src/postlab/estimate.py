@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .study import PlannedRun
 
 # Throughput defaults, for a ~135M-parameter model (SmolLM2-135M) with this training loop.
-# cpu: measured on a 2-core AVX-512 machine: a full fine-tuning step of 8x128 tokens takes ~4.5 s
+# cpu: measured on a 2-core x86 machine: a full fine-tuning step of 8x128 tokens takes ~4.5 s
 # with bf16 autocast (~230 tokens/s) and ~7 s in fp32 (~145 tokens/s).
 # cuda: a rough figure for one recent data-center GPU at the small batches used here (~1-2k
 # tokens a step, so per-step overhead dominates); measure with --measure.
@@ -52,6 +52,7 @@ class StageEstimate:
     epochs: float
     train_tokens: float | None
     seconds: float | None
+    reused: bool = False  # identical to a stage of an earlier run: copied, not trained
 
 
 @dataclass
@@ -129,7 +130,7 @@ def default_throughput(m: ModelConfig) -> Throughput:
     prec = resolve_precision(m.precision, torch.device("cpu"))
     key = "cpu-bf16" if prec == "bf16" else "cpu-fp32"
     return Throughput(DEFAULT_TOKENS_PER_S[key], DEFAULT_DECODE_STEP_S["cpu"],
-                      f"default for ~135M-parameter models on cpu in {prec} (measured on a 2-core AVX-512 "
+                      f"default for ~135M-parameter models on cpu in {prec} (measured on a 2-core AVX2 "
                       f"machine): {DEFAULT_TOKENS_PER_S[key]:.0f} tokens/s")
 
 
@@ -225,12 +226,22 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
                                 else default_throughput(m))
         return throughputs[key]
 
+    from .run import stage_prefix_key
+
     out = []
+    trained: set[str] = set()  # stages that an earlier run trains (a later identical one is reused)
+    evaluated: set[str] = set()  # base-model evaluations (cached, shared by runs that start alike)
     for r in runs:
         m = r.config.model
         dev_type = _device_type(m)
         stages = []
-        for s in r.config.stages:
+        for i, s in enumerate(r.config.stages):
+            if r.config.reuse_stages:
+                key = stage_prefix_key(r.config, i)
+                if key in trained:
+                    stages.append(StageEstimate(s.name, None, s.epochs, 0.0, 0.0, reused=True))
+                    continue
+                trained.add(key)
             st = stats(s, m.name)
             if st is None:
                 stages.append(StageEstimate(s.name, None, s.epochs, None, None))
@@ -238,7 +249,10 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
             train, dev = st
             spec = get_objective(s.objective.name)
             task = get_task(s.task)
-            per_example = train.prompt_tokens + train.completion_tokens
+            completion = train.completion_tokens
+            if s.task.max_completion_tokens:
+                completion = min(completion, s.task.max_completion_tokens)
+            per_example = train.prompt_tokens + completion
             gen_steps = 0.0
             n = train.n
             if spec.kind == "preference":
@@ -249,7 +263,7 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
                     gen_steps += (math.ceil(train.n / s.task.pairs.generation.batch_size) * draws(s.task.pairs)
                                   * s.task.pairs.generation.max_new_tokens)
                 per_example = (train.prompt_tokens + 1 if train.single_token
-                               else 2 * train.prompt_tokens + 2 * train.completion_tokens)
+                               else 2 * train.prompt_tokens + 2 * completion)
             batch = s.optim.batch_size * s.optim.grad_accum
             steps_per_epoch = math.ceil(n / batch) if n else 0
             steps = steps_per_epoch * s.epochs
@@ -258,7 +272,13 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
             epochs = steps / steps_per_epoch if steps_per_epoch else 0.0
             train_tokens = n * per_example * epochs
             fwd = n * per_example if spec.needs_reference else 0.0
-            evals = math.ceil(epochs) + int(s.eval_at_start)
+            # A stage's starting evaluation is cached: the previous stage's final one, or (first stage)
+            # the base model's, evaluated once per task and evaluation settings.
+            start_key = m.model_dump_json() + s.task.model_dump_json(exclude={"train", "train_limit", "pairs",
+                                                                              "max_completion_tokens"})
+            start_eval = s.eval_at_start and i == 0 and start_key not in evaluated
+            evaluated.add(start_key)
+            evals = math.ceil(epochs) + int(start_eval)
             if s.eval_every_steps:
                 evals += steps // s.eval_every_steps
             dev_tokens = dev.n * (dev.prompt_tokens + (0 if task.name == "paraphrase" else dev.completion_tokens))

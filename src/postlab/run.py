@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .cache import cached_token_logps
+from . import distributed as dist
+from .cache import cached_evaluation, cached_token_logps
 from .checkpoint import atomic_write_json, atomic_write_text, read_json
 from .config import ModelConfig, RunConfig, StageConfig, dump_config
 from .data import tokenize
-from .errors import ConfigError
-from .models import LM, load_lm, postlab_home
+from .errors import ConfigError, PostlabError
+from .models import LM, cache_dir, load_lm
 from .objectives import get_objective, parse_args
 from .parameterization import apply_parameterization, count_parameters, describe, is_peft
 from .preferences import build_pairs, needs_sampler
@@ -67,15 +68,32 @@ def stage_items(lm: LM, stage: StageConfig, model_cfg: ModelConfig | None = None
                 name = m.name if src == "base" else src
                 log.info("stage %s: sampling rejected answers from %s", stage.name, name)
                 sampler = load_lm(name, m.device, m.precision, m.trust_remote_code, m.max_length)
-        raw = build_pairs(task, pcfg, sampler, postlab_home() / "cache" / "samples")
+        raw = build_pairs(task, pcfg, sampler, cache_dir() / "samples")
     else:
         raw = task.train_examples()
     items, report = tokenize(raw, lm.tokenizer, lm.max_length, stage.task.overlength,
-                             append_eos=task.append_eos, source=f"stage {stage.name} ({stage.task.name} train)")
+                             append_eos=task.append_eos, source=f"stage {stage.name} ({stage.task.name} train)",
+                             max_completion_tokens=stage.task.max_completion_tokens)
     if report.truncated:
         log.warning("stage %s: %d of %d examples were longer than %d tokens; their prompts were truncated",
                     stage.name, report.truncated, report.examples, lm.max_length)
     return task, spec, items
+
+
+def stage_data(lm: LM, cfg: RunConfig, stage: StageConfig):
+    """(task, objective spec, tokenized training items, cached reference log-probs or None). The
+    reference is the policy as the stage begins, or the run's base model (`reference: base`)."""
+    task, spec, items = stage_items(lm, stage, cfg.model)
+    reference = None
+    if spec.needs_reference:
+        if stage.reference == "base":
+            m = cfg.model
+            base = load_lm(m.name, m.device, m.precision, m.trust_remote_code, m.max_length)
+            reference = cached_token_logps(base, items, "reference", stage.eval_batch_size)
+            del base
+        else:
+            reference = cached_token_logps(lm, items, "reference", stage.eval_batch_size)
+    return task, spec, items, reference
 
 
 def check_resume(out: Path, cfg: RunConfig, resume: bool) -> None:
@@ -100,7 +118,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         parse_args(get_objective(s.objective.name), s.objective.args)
         get_task(s.task)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    dist.barrier()  # every process checked for an earlier run before the main one writes
+    if dist.is_main():
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
     metrics = MetricsLog(out / "metrics.jsonl")
     t0 = time.perf_counter()
     m = cfg.model
@@ -113,15 +133,103 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             stages.append(read_json(sdir / "done.json"))
             pending = sdir / "model"
             continue
+        last = i == len(cfg.stages) - 1
+        reused = reuse_stage(cfg, i, sdir, metrics, needs_model=not last) if dist.world_size() == 1 else None
+        if reused is not None:
+            stages.append(reused)
+            pending = sdir / "model"
+            continue
         if pending is not None:
             lm = load_lm(str(pending), m.device, m.precision, m.trust_remote_code, m.max_length)
             pending = None
-        stages.append(run_stage(lm, cfg, i, stage, sdir, metrics, last=i == len(cfg.stages) - 1))
+        stages.append(run_stage(lm, cfg, i, stage, sdir, metrics, last=last))
+        register_stage(cfg, i, sdir)
     result = {"run_id": out.name, "metrics": stages[-1]["metrics"], "stages": stages,
               "wall_s": round(time.perf_counter() - t0, 2), "device": stages[-1].get("device"),
               "versions": versions()}
-    atomic_write_json(out / "result.json", result)
+    if dist.is_main():
+        atomic_write_json(out / "result.json", result)
+    dist.barrier()
     return result
+
+
+def stage_prefix_key(cfg: RunConfig, i: int) -> str:
+    """Identifies what stage `i` of `cfg` produces: the model, the seed and stages 0..i (not where the
+    run writes). Two runs with the same key train the same stage from the same start."""
+    import hashlib
+    import json
+
+    from . import __version__
+
+    parts = {"model": cfg.model.model_dump(mode="json"), "seed": cfg.seed, "postlab": __version__,
+             "stages": [s.model_dump(mode="json") for s in cfg.stages[:i + 1]]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _stage_registry(key: str) -> Path:
+    return cache_dir() / "stages" / f"{key}.json"
+
+
+def register_stage(cfg: RunConfig, i: int, sdir: Path) -> None:
+    """Record that `sdir` holds a completed stage `i` of `cfg`, for `reuse_stage` in later runs."""
+    if cfg.reuse_stages and dist.is_main():
+        atomic_write_json(_stage_registry(stage_prefix_key(cfg, i)), {"stage_dir": str(sdir.resolve())})
+
+
+def reuse_stage(cfg: RunConfig, i: int, sdir: Path, metrics: MetricsLog, needs_model: bool) -> dict | None:
+    """Copy a completed identical stage (same model, seed and stages up to this one) from an earlier
+    run instead of training it again: an SFT->DPO run in a study shares its SFT stage with the
+    SFT-only run. Training is deterministic for a given seed on CPU; on GPU the copy is one valid
+    sample of the same recipe. Returns its done.json (marked `reused_from`), or None."""
+    import shutil
+
+    if not cfg.reuse_stages:
+        return None
+    entry = _stage_registry(stage_prefix_key(cfg, i))
+    if not entry.is_file():
+        return None
+    try:
+        src = Path(read_json(entry)["stage_dir"])
+    except (PostlabError, KeyError):
+        return None
+    if src == sdir.resolve() or not (src / "done.json").is_file() or (needs_model and not (src / "model").is_dir()):
+        return None
+    stage = cfg.stages[i]
+    records = []
+    src_metrics = src.parent / "metrics.jsonl"
+    if src_metrics.is_file():
+        import json
+
+        for line in src_metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("stage") == stage.name:
+                records.append(rec)
+    tmp = sdir.with_name(sdir.name + ".reuse-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoint", "done.json"),
+                    copy_function=_link_or_copy)
+    metrics.truncate_after(stage.name, -1)
+    for rec in records:
+        metrics.write(rec)
+    done = {**read_json(src / "done.json"), "reused_from": str(src)}
+    shutil.rmtree(sdir, ignore_errors=True)
+    tmp.rename(sdir)
+    atomic_write_json(sdir / "done.json", done)  # last: marks the stage complete
+    log.info("stage %s: identical to %s (same model, seed and stages); reused instead of trained", stage.name, src)
+    return done
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)  # model files are written once and never modified in place
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, metrics: MetricsLog,
@@ -133,38 +241,41 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
         # The earlier adapter was merged: this stage's base exists only in memory, so write it out
         # (a new adapter must name a base that loads from disk).
         base = lm.model.get_base_model() if is_peft(lm.model) else lm.model
-        base.save_pretrained(sdir / "base", safe_serialization=True)
-        lm.tokenizer.save_pretrained(sdir / "base")
+        if dist.is_main():
+            base.save_pretrained(sdir / "base", safe_serialization=True)
+            lm.tokenizer.save_pretrained(sdir / "base")
+        dist.barrier()
         lm.source = str(sdir / "base")
     log.info("stage %s: %s, objective %s, %s", stage.name, stage.parameterization.method, stage.objective.name,
              describe(lm.model))
     t_prepare = time.perf_counter()
-    task, spec, items = stage_items(lm, stage, cfg.model)
+    with dist.main_first():  # the main process fills the caches (pairs, reference log-probs)
+        task, spec, items, reference = stage_data(lm, cfg, stage)
     args = parse_args(spec, stage.objective.args)
-    reference = None
-    if spec.needs_reference:
-        if stage.reference == "base":
-            base = load_lm(cfg.model.name, cfg.model.device, cfg.model.precision, cfg.model.trust_remote_code)
-            reference = cached_token_logps(base, items, "reference", stage.eval_batch_size)
-            del base
-        else:
-            reference = cached_token_logps(lm, items, "reference", stage.eval_batch_size)
     sdir.mkdir(parents=True, exist_ok=True)
 
+    train_only = {"train", "train_limit", "pairs", "max_completion_tokens"}
+    eval_settings = {"task": stage.task.model_dump(mode="json", exclude=train_only), "batch_size": stage.eval_batch_size}
+
     def evaluate() -> dict[str, float]:
-        return task.evaluate(lm, sdir / "eval", stage.eval_batch_size)
+        return cached_evaluation(lm, eval_settings, sdir / "eval",
+                                 lambda out: task.evaluate(lm, out, stage.eval_batch_size))
 
     prepare_s = round(time.perf_counter() - t_prepare, 2)  # data, sampled pairs, reference pass
     summary = train_stage(lm, stage, spec, args, items, sdir, cfg.seed * 100 + i, metrics, evaluate, reference)
     if stage.save_model or not last:  # later stages (and their resumption) start from this model
-        save_model(lm, sdir / "model")
+        if dist.is_main():
+            save_model(lm, sdir / "model")
+        dist.barrier()
         if not is_peft(lm.model):
             lm.source = str(sdir / "model")
     trainable, total = count_parameters(lm.model)
     done = {"name": stage.name, "objective": stage.objective.name, "parameterization": stage.parameterization.method,
             "trainable_params": trainable, "total_params": total, "examples": len(items), **summary,
             "train_s": summary["wall_s"], "prepare_s": prepare_s, "wall_s": round(summary["wall_s"] + prepare_s, 2)}
-    atomic_write_json(sdir / "done.json", done)
+    if dist.is_main():
+        atomic_write_json(sdir / "done.json", done)
+    dist.barrier()
     return done
 
 

@@ -475,7 +475,8 @@ def format_plan(study: Study, runs: list[PlannedRun], study_dir: Path, estimates
         if e is None:
             table.append([str(r.index), r.run_id, ", ".join(f"{s.name} ?x{s.epochs}" for s in r.config.stages)])
             continue
-        stages = ", ".join(f"{s.name} {s.examples if s.examples is not None else '?'}x{s.epochs:g}" for s in e.stages)
+        stages = ", ".join(f"{s.name} (reused)" if s.reused else
+                           f"{s.name} {s.examples if s.examples is not None else '?'}x{s.epochs:g}" for s in e.stages)
         table.append([str(r.index), r.run_id, stages, human_n(e.train_tokens), human_s(e.seconds)])
     widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(table[0]))]
     right = {0, 3, 4}
@@ -496,7 +497,8 @@ def format_plan(study: Study, runs: list[PlannedRun], study_dir: Path, estimates
                   + ("" if notes.get("measured")
                      else " (pass --measure to time training steps of the configured model here)")
                   + ". Time includes reference log-probs, evaluation and generation roughly; LoRA is assumed "
-                    "as fast as full fine-tuning."]
+                    "as fast as full fine-tuning. A stage marked (reused) is identical to an earlier run's "
+                    "(same model, seed and stages so far) and is copied, not trained."]
         lines += [f"  data problem (such runs would fail): {u}" for u in notes.get("unavailable", [])]
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .checkpoint import existing_dir, load_checkpoint, save_checkpoint
 from .config import StageConfig
 from .data import Tokenized, length_grouped_batches, score_batch
@@ -34,12 +35,14 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
+        if not dist.is_main():
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=float) + "\n")
 
     def truncate_after(self, stage: str, step: int) -> None:
         """On resume, drop records of `stage` logged after its checkpoint (they will be logged again)."""
-        if not self.path.is_file():
+        if not dist.is_main() or not self.path.is_file():
             return
         keep = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -127,6 +130,9 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
                                                          cfg.group_by_length),
                         cfg.optim.grad_accum, cfg.epochs, cfg.max_steps)
     total = schedule.total_steps
+    if cfg.optim.batch_size < dist.world_size():
+        raise TrainingError(f"stage {cfg.name}: optim.batch_size={cfg.optim.batch_size} is smaller than the "
+                            f"{dist.world_size()} processes sharing each micro-batch; raise it or launch fewer")
     opt, sched = make_optimizer(model, cfg, total)
     ckpt = stage_dir / "checkpoint"
     step, epoch, group0, tokens, wall0 = 0, 0, 0, 0, 0.0
@@ -143,30 +149,36 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
     t_start = time.perf_counter() - wall0
 
     def checkpoint(ep: int, group: int) -> None:
-        save_checkpoint(ckpt, model, opt, sched, {"step": step, "epoch": ep, "group": group, "tokens": tokens,
-                                                  "wall_s": time.perf_counter() - t_start, "last_eval": last_eval})
+        if dist.is_main():
+            save_checkpoint(ckpt, model, opt, sched, {"step": step, "epoch": ep, "group": group, "tokens": tokens,
+                                                      "wall_s": time.perf_counter() - t_start, "last_eval": last_eval})
+        dist.barrier()
 
     def run_eval(ep_float: float) -> None:
         nonlocal last_eval
-        t = time.perf_counter()
-        last_eval = evaluate()
-        metrics.write({"stage": cfg.name, "split": "dev", "step": step, "epoch": round(ep_float, 4),
-                       "eval_s": round(time.perf_counter() - t, 2), **last_eval})
+        if dist.is_main():  # the other processes wait at the barrier
+            t = time.perf_counter()
+            last_eval = evaluate()
+            metrics.write({"stage": cfg.name, "split": "dev", "step": step, "epoch": round(ep_float, 4),
+                           "eval_s": round(time.perf_counter() - t, 2), **last_eval})
+        dist.barrier()
 
     if step == 0 and cfg.eval_at_start:
         run_eval(0.0)
     model.train()
     pad = lm.tokenizer.pad_token_id
-    bar = tqdm(total=total, initial=step, desc=f"{cfg.name} ({spec.name})", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=f"{cfg.name} ({spec.name})", unit="step", dynamic_ncols=True,
+               disable=not dist.is_main())
     grad_norm_ema, window_tokens, window_t = None, 0, time.perf_counter()
     while step < total and epoch < cfg.epochs:
         groups = schedule.groups(epoch)
         for g in range(group0, len(groups)):
             if step >= total:
                 break
-            loss_sum, step_metrics = 0.0, {}
+            loss_sum, step_metrics, step_tokens = 0.0, {}, 0
             n_micro = len(groups[g])
-            for idx in groups[g]:
+            for full_idx in groups[g]:
+                idx, share = dist.my_share(full_idx)  # all of it in a single process
                 batch = score_batch([items[i] for i in idx], pad).to(device)
                 logps, mask = score(lm, batch)
                 ref = cached_logps(reference, idx, batch.n_slots).to(device) if reference is not None else None
@@ -177,13 +189,19 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
                     raise TrainingError(f"stage {cfg.name}: loss is {loss.item()} at step {step + 1}; stopped. The last "
                                         f"good checkpoint is {ckpt if existing_dir(ckpt) else 'the stage start'}; "
                                         f"try a lower optim.lr or optim.grad_clip")
-                (loss / n_micro).backward()
-                loss_sum += loss.item() / n_micro
+                (loss * (share / n_micro)).backward()
+                loss_sum += loss.item() * share / n_micro
                 for k, v in m.items():
-                    step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / n_micro
-                tokens += batch.n_tokens
-                window_tokens += batch.n_tokens
+                    step_metrics[k] = step_metrics.get(k, 0.0) + float(v) * share / n_micro
+                step_tokens += batch.n_tokens
             params = [p for p in model.parameters() if p.requires_grad]
+            if dist.world_size() > 1:  # every process then takes the same step
+                dist.sum_gradients(params)
+                keys = sorted(step_metrics)
+                loss_sum, step_tokens, *vals = dist.sum_scalars([loss_sum, step_tokens] + [step_metrics[k] for k in keys])
+                step_metrics, step_tokens = dict(zip(keys, vals)), int(step_tokens)
+            tokens += step_tokens
+            window_tokens += step_tokens
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf")).item()
             opt.step()
             sched.step()

@@ -1,0 +1,98 @@
+"""Model FLOPs utilisation of postlab's SFT and DPO steps against this machine's measured matmul peak.
+
+    .venv/bin/python bench/mfu.py                 # paraphrase, 96 examples, batch 16, 3 repeats
+
+Peak: the median throughput of large square matmuls (fp32 and bf16), measured in the same run with
+the same threads. Useful FLOPs per trained token: 6·N, N = the decoder's matmul parameters (the
+input embedding is a lookup, not a matmul); plus 6·d·V per *scored* token for the LM head (postlab
+applies the head only there); reference forwards count 2·N per token (+2·d·V per scored token).
+Recomputation, attention scores and padding are not useful work and are not counted.
+Writes bench/results/mfu.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from common import case_data, postlab_stage
+from postlab.data import tokenize
+from postlab.models import decoder_and_head, load_lm
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n×n×n matmul in `dtype`, median of `repeats` timed calls after a warm-up."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--out", default="bench/results/mfu.json")
+    a = ap.parse_args()
+
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, repeats=3)}
+    print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s",
+          flush=True)
+    lm = load_lm("smollm2-135m", precision=a.precision)
+    body, head = decoder_and_head(lm.model)
+    emb = lm.model.get_input_embeddings().weight
+    n_matmul = sum(p.numel() for p in body.parameters() if p.dim() == 2 and p is not emb)
+    d, vocab = head.weight.shape[1], head.weight.shape[0]
+    results = {}
+    for kind in ("sft", "dpo"):
+        raw = case_data("paraphrase", kind, a.n, a.data)
+        items, _ = tokenize(raw, lm.tokenizer, lm.max_length, append_eos=True)
+        # Tokens through the decoder (a pair's prompt runs once, both one-token answers share its row)
+        # and scored tokens (rows of the head), as postlab lays out its batches.
+        from postlab.data import score_batch
+
+        fwd_tokens = scored = 0
+        for s in range(0, len(items), a.batch):
+            sb = score_batch(items[s:s + a.batch], lm.tokenizer.pad_token_id)
+            fwd_tokens += sb.n_tokens
+            scored += int(sb.hidden_index.numel())
+        train_flops = 6 * n_matmul * fwd_tokens + 6 * d * vocab * scored
+        ref_flops = (2 * n_matmul * fwd_tokens + 2 * d * vocab * scored) if kind == "dpo" else 0
+        secs = []
+        for r in range(a.repeats):
+            fresh = load_lm("smollm2-135m", precision=a.precision)
+            out = postlab_stage(fresh, "nll" if kind == "sft" else "dpo", raw, a.batch, 1e-5, append_eos=True)
+            secs.append(out["seconds"])
+            print(f"{kind} repeat {r}: {out['seconds']:.1f}s", flush=True)
+        s = statistics.median(secs)
+        achieved = (train_flops + ref_flops) / s
+        results[kind] = {"seconds": secs, "median_s": s, "decoder_tokens": fwd_tokens, "scored_tokens": scored,
+                         "useful_flops": train_flops + ref_flops, "achieved_flops_per_s": achieved,
+                         "mfu_vs_fp32_peak": achieved / peaks["fp32"], "mfu_vs_bf16_peak": achieved / peaks["bf16"]}
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": lm.precision,
+            "matmul_params": n_matmul, "d_model": d, "vocab": vocab, "peaks_flops_per_s": peaks,
+            "n": a.n, "batch": a.batch, "repeats": a.repeats}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"\nprecision {lm.precision}; peak fp32 {peaks['fp32'] / 1e9:.1f}, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+    for kind, r in results.items():
+        print(f"{kind}: {r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s useful = {100 * r['mfu_vs_fp32_peak']:.0f}% of "
+              f"fp32 peak, {100 * r['mfu_vs_bf16_peak']:.0f}% of bf16 peak (median of {a.repeats})")
+
+
+if __name__ == "__main__":
+    main()

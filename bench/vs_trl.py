@@ -1,0 +1,158 @@
+"""postlab vs TRL on the same model, data, batch size, precision and optimizer settings.
+
+Each measurement runs in a fresh subprocess (so peak resident memory is that run's own), TRL and
+postlab interleaved per repeat (so drift in machine load hits both alike). Prints one table of
+medians and writes bench/results/vs_trl.json.
+
+    .venv/bin/python bench/vs_trl.py                       # all four cases, 3 repeats
+    .venv/bin/python bench/vs_trl.py --cases sft-paraphrase --n 64 --repeats 3
+
+Equal work: one epoch over the same examples; AdamW (lr, betas, eps, no weight decay), linear decay
+without warmup, gradient clipping at 1.0; fp32 unless --precision bf16; TRL without gradient
+checkpointing (its default, which would slow it down for no memory we need); SFT loss over the
+completion tokens only, completions ending with EOS (TRL's convention, so both learn the same
+tokens); DPO sigmoid loss with beta 0.1 against the initial model. TRL's DPO computes the reference
+forward every step with a second model in memory (its default); postlab's time includes its one
+reference pass before training. Losses are the mean of the per-step training losses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = {  # name -> (task, kind, default examples, default batch)
+    "sft-paraphrase": ("paraphrase", "sft", 128, 16),
+    "dpo-paraphrase": ("paraphrase", "dpo", 128, 16),
+    "sft-sonnets": ("sonnets", "sft", 48, 8),
+    "dpo-sonnets": ("sonnets", "dpo", 48, 8),
+}
+LR = {"sft": 2e-5, "dpo": 5e-6}
+
+
+def trl_worker(case: str, n: int, batch: int, precision: str, data: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from common import case_data, peak_rss_mb
+    from postlab.models import resolve_model_path
+
+    task, kind, _, _ = CASES[case]
+    raw = case_data(task, kind, n, data)
+    path = resolve_model_path("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    common = dict(per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=LR[kind],
+                  lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                  adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, logging_steps=1, save_strategy="no",
+                  report_to="none", use_cpu=True, bf16=precision == "bf16", gradient_checkpointing=False,
+                  dataloader_num_workers=0, seed=0, max_length=None, disable_tqdm=True)
+    with tempfile.TemporaryDirectory() as d:
+        if kind == "sft":
+            ds = Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in raw])
+            trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=d, completion_only_loss=True, **common),
+                                 train_dataset=ds, processing_class=tok)
+        else:
+            ds = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in raw])
+            trainer = DPOTrainer(model=model, args=DPOConfig(output_dir=d, beta=0.1, loss_type=["sigmoid"], **common),
+                                 train_dataset=ds, processing_class=tok)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"seconds": seconds, "losses": losses, "examples": len(raw),
+            "steps": trainer.state.global_step, "peak_rss_mb": peak_rss_mb()}
+
+
+def postlab_worker(case: str, n: int, batch: int, precision: str, data: str) -> dict:
+    from common import case_data, peak_rss_mb, postlab_stage
+    from postlab.models import load_lm
+
+    task, kind, _, _ = CASES[case]
+    raw = case_data(task, kind, n, data)
+    lm = load_lm("smollm2-135m", precision=precision)
+    out = postlab_stage(lm, "nll" if kind == "sft" else "dpo", raw, batch, LR[kind], append_eos=True)
+    return {**out, "peak_rss_mb": peak_rss_mb()}
+
+
+def measure(framework: str, case: str, n: int, batch: int, precision: str, data: str) -> dict:
+    """One run in a fresh interpreter; returns its JSON result."""
+    cmd = [sys.executable, __file__, "--worker", framework, "--cases", case, "--n", str(n), "--batch", str(batch),
+           "--precision", precision, "--data", data]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TQDM_DISABLE": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"{framework} {case} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--n", type=int, default=None, help="examples (or pairs) per run; default per case")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--out", default="bench/results/vs_trl.json")
+    ap.add_argument("--worker", choices=["trl", "postlab"], help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    cases = a.cases.split(",")
+    if a.worker:
+        case = cases[0]
+        n, b = a.n or CASES[case][2], a.batch or CASES[case][3]
+        fn = trl_worker if a.worker == "trl" else postlab_worker
+        print(json.dumps(fn(case, n, b, a.precision, a.data)))
+        return
+
+    import torch
+
+    results = {}
+    for case in cases:
+        n, b = a.n or CASES[case][2], a.batch or CASES[case][3]
+        runs = {"trl": [], "postlab": []}
+        for r in range(a.repeats):
+            for fw in runs:
+                runs[fw].append(measure(fw, case, n, b, a.precision, a.data))
+                m = runs[fw][-1]
+                print(f"{case} repeat {r}: {fw:8s} {m['seconds']:7.1f}s  mean loss {statistics.mean(m['losses']):.4f}"
+                      f"  peak RSS {m['peak_rss_mb']:.0f} MB", flush=True)
+        row = {"n": n, "batch": b, "runs": runs}
+        for fw, rs in runs.items():
+            s = statistics.median(x["seconds"] for x in rs)
+            # Tokens of the data (prompt + each answer, as postlab tokenizes them): the same count for both.
+            tokens = runs["postlab"][0]["tokens"]
+            row[fw] = {"median_s": s, "examples_per_s": rs[0]["examples"] / s, "tokens_per_s": tokens / s,
+                       "mean_loss": statistics.median(statistics.mean(x["losses"]) for x in rs),
+                       "final_loss": statistics.median(x["losses"][-1] for x in rs),
+                       "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs)}
+        row["speedup"] = row["trl"]["median_s"] / row["postlab"]["median_s"]
+        row["paired_speedup_median"] = statistics.median(t["seconds"] / p["seconds"]
+                                                         for t, p in zip(runs["trl"], runs["postlab"]))
+        results[case] = row
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": a.precision,
+            "repeats": a.repeats, "command": " ".join(["python"] + sys.argv)}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"\n{'case':16s} {'n':>4s} {'TRL ex/s':>9s} {'ours ex/s':>9s} {'ours/TRL':>8s} {'TRL tok/s':>9s} "
+          f"{'ours tok/s':>10s} {'TRL loss':>8s} {'our loss':>8s} {'TRL RSS':>8s} {'our RSS':>8s}")
+    for case, row in results.items():
+        t, p = row["trl"], row["postlab"]
+        print(f"{case:16s} {row['n']:4d} {t['examples_per_s']:9.2f} {p['examples_per_s']:9.2f} {row['speedup']:7.2f}x "
+              f"{t['tokens_per_s']:9.0f} {p['tokens_per_s']:10.0f} {t['mean_loss']:8.4f} {p['mean_loss']:8.4f} "
+              f"{t['peak_rss_mb']:7.0f}M {p['peak_rss_mb']:7.0f}M")
+    print(f"(medians of {a.repeats}; written to {a.out})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Data-parallel training: two CPU processes (gloo) started by the launcher reach the same weights as
+one process with the same global batch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from postlab.config import parse_run_config
+from postlab.run import run
+
+from test_train import final_weights, run_config, write_pairs
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(config, n: int, cwd) -> subprocess.CompletedProcess:
+    # accelerate's multi-process launcher is torch.distributed.run; on a machine without GPUs
+    # PartialState then joins the processes over gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "postlab", "train", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("method", ["fft", "lora"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, tmp_path, method):
+    data = write_pairs(tmp_path / "pairs.tsv", n=16)
+    param = {"method": method, "lora": {"r": 4, "dropout": 0.0}}  # dropout masks differ per process
+    common = dict(epochs=2, optim={"lr": 1e-3, "batch_size": 4, "grad_accum": 2}, parameterization=param)
+    one = run_config(tiny_llama, tmp_path / "one", data, **common)
+    one["reuse_stages"] = False
+    run(parse_run_config(one))
+
+    two = run_config(tiny_llama, tmp_path / "two", data, **common)
+    two["reuse_stages"] = False
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(yaml.safe_dump(two))
+    p = launch(cfg_path, 2, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    # The logged losses and token counts are those of the whole global batch.
+    import json
+
+    def train_records(out):
+        return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+
+    ra, rb = train_records(tmp_path / "one"), train_records(tmp_path / "two")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-6)
+    assert json.loads((tmp_path / "two" / "result.json").read_text())["stages"][0]["tokens"] == \
+        json.loads((tmp_path / "one" / "result.json").read_text())["stages"][0]["tokens"]
