@@ -135,3 +135,23 @@ def test_evaluate_tiny_llama(tiny_llama, data_dir, monkeypatch, tmp_path):
     other.evaluate(lm, tmp_path / "c", batch_size=2)
     assert (tmp_path / "c" / "generated_sonnets.txt").read_text() != text
     assert task.evaluate(lm, None, batch_size=2) == m1  # no out_dir: nothing written, same numbers
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0, 8.0])
+def test_nucleus_from_top_k_keeps_the_set_transformers_top_p_keeps(scale):
+    """Peaked and flat distributions alike (flat ones need more than k tokens: the full-sort path)."""
+    import torch
+    from transformers import TopPLogitsWarper
+
+    from postlab.generate import NucleusFromTopK
+
+    torch.manual_seed(0)
+    scores = torch.randn(16, 5000) * scale
+    ref_kept = ~torch.isinf(TopPLogitsWarper(0.9)(None, scores.clone()))
+    ours = NucleusFromTopK(0.9, k=256)(None, scores.clone())
+    kept = ~torch.isinf(ours)
+    # Only a token whose preceding mass rounds to exactly top_p can differ.
+    assert ((kept != ref_kept).sum(-1) <= 1).all()
+    assert (kept != ref_kept).sum() <= 2
+    assert torch.equal(ours[kept], scores[kept])  # kept scores unchanged
+    assert (kept.sum(-1) >= 1).all()
