@@ -107,3 +107,36 @@ def test_a_changed_earlier_stage_is_not_reused(tiny_llama, tmp_path):
     other = sft_then_dpo(run_config(tiny_llama, tmp_path / "other", data, epochs=1, optim={"lr": 5e-4}))
     run(parse_run_config(other))
     assert "reused_from" not in json.loads((tmp_path / "other" / "0-sft" / "done.json").read_text())
+
+
+def test_tensorboard_tracking_mirrors_the_metrics(tiny_llama, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = write_pairs(tmp_path / "pairs.tsv", n=8)
+    tree = run_config(tiny_llama, tmp_path / "run", data, epochs=1)
+    tree["tracking"] = ["tensorboard"]
+    run(parse_run_config(tree))
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    logged = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if r["split"] == "train"]
+    losses = acc.Scalars("sft/train/loss")
+    assert [e.step for e in losses] == [r["step"] for r in logged]
+    assert [round(e.value, 5) for e in losses] == [round(r["loss"], 5) for r in logged]
+    assert "sft/dev/accuracy" in acc.Tags()["scalars"]
+
+
+def test_tracking_with_a_missing_package_fails_before_training(tiny_llama, tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    from postlab.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    data = write_pairs(tmp_path / "pairs.tsv", n=8)
+    tree = run_config(tiny_llama, tmp_path / "run", data, epochs=1)
+    tree["tracking"] = ["mlflow"]
+    with pytest.raises(ConfigError, match="pip install mlflow"):
+        run(parse_run_config(tree))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -166,9 +166,10 @@ def test_presets_plan(capsys, monkeypatch):
     quick = {r.run_id: r for r in st.plan(st.load_study(REPO / "studies" / "quick.yaml"))}
     r = quick["task=sonnets,regime=sft-to-dpo,param=lora-r8,seed=0"].config
     assert [s.optim.lr for s in r.stages] == [5.0e-4, 5.0e-5]
-    assert r.stages[0].task.generation.max_new_tokens == 120
+    assert r.stages[0].task.generation.max_new_tokens == 64
+    assert [s.task.max_completion_tokens for s in r.stages] == [64, 24]
     r = quick["task=paraphrase,regime=dpo,param=fft,seed=0"].config
-    assert (r.stages[0].objective.name, r.stages[0].optim.lr, r.stages[0].task.train_limit) == ("dpo", 5.0e-6, 200)
+    assert (r.stages[0].objective.name, r.stages[0].optim.lr, r.stages[0].task.train_limit) == ("dpo", 5.0e-6, 160)
 
 
 def test_plan_estimate_and_measure(tmp_path, tiny_llama, capsys):

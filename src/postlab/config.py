@@ -151,6 +151,8 @@ class RunConfig(Strict):
     # Copy a completed stage from an earlier run with the same model, seed and stages up to it
     # (e.g. the SFT stage an SFT->DPO run shares with an SFT-only run) instead of training it again.
     reuse_stages: bool = True
+    # Also log every metrics record to TensorBoard (<output_dir>/tensorboard/) and/or MLflow.
+    tracking: list[Literal["tensorboard", "mlflow"]] = []
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
 
     @field_validator("stages")

@@ -117,11 +117,21 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     for s in cfg.stages:  # fail on a bad objective/task name before any model loads
         parse_args(get_objective(s.objective.name), s.objective.args)
         get_task(s.task)
+    from .tracking import Trackers
+
+    trackers = Trackers(cfg.tracking, out, out.name) if cfg.tracking and dist.is_main() else None
+    try:
+        return _run(cfg, out, MetricsLog(out / "metrics.jsonl", trackers))
+    finally:
+        if trackers is not None:
+            trackers.close()
+
+
+def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     dist.barrier()  # every process checked for an earlier run before the main one writes
     if dist.is_main():
         atomic_write_text(out / "config.yaml", dump_config(cfg))
-    metrics = MetricsLog(out / "metrics.jsonl")
     t0 = time.perf_counter()
     m = cfg.model
     lm = load_lm(m.name, m.device, m.precision, m.trust_remote_code, m.max_length)

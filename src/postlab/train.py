@@ -30,8 +30,9 @@ log = logging.getLogger("postlab")
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl (flushed per line)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, trackers=None):
         self.path = path
+        self.trackers = trackers  # postlab.tracking.Trackers: TensorBoard / MLflow views of the records
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
@@ -39,6 +40,8 @@ class MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=float) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def truncate_after(self, stage: str, step: int) -> None:
         """On resume, drop records of `stage` logged after its checkpoint (they will be logged again)."""
