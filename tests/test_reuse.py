@@ -77,11 +77,15 @@ def test_fft_and_lora_runs_share_the_base_model_evaluation(tiny_llama, tmp_path,
     assert dev_records(tmp_path / "fft")[0]["accuracy"] == dev_records(tmp_path / "lora")[0]["accuracy"]
 
 
-def test_sft_to_dpo_reuses_the_sft_stage_of_an_sft_only_run(tiny_llama, tmp_path):
+def test_sft_to_dpo_reuses_the_sft_stage_of_an_sft_only_run(tiny_llama, tmp_path, monkeypatch):
     data = write_pairs(tmp_path / "pairs.tsv", n=8)
+    calls = count_evaluations(monkeypatch)
     run(parse_run_config(reusing(run_config(tiny_llama, tmp_path / "sft", data, epochs=1))))
     staged = sft_then_dpo(run_config(tiny_llama, tmp_path / "staged", data, epochs=1))
     result = run(parse_run_config(staged))
+    # The DPO stage starts from the SFT model reloaded from disk (with its tokenizer saved in a new
+    # folder): its starting evaluation is still the SFT run's final one. Only the DPO end is new.
+    assert len(calls) == 3
     done = json.loads((tmp_path / "staged" / "0-sft" / "done.json").read_text())
     assert done["reused_from"] == str((tmp_path / "sft" / "0-sft").resolve())
     assert [s["name"] for s in result["stages"]] == ["sft", "dpo"]

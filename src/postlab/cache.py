@@ -50,10 +50,25 @@ def items_hash(items: list[Tokenized]) -> str:
     return h.hexdigest()
 
 
+def tokenizer_fingerprint(tok) -> str:
+    """What the tokenizer maps text to, not where it was loaded from: a model saved with its
+    tokenizer in a new folder (a stage's model/) keeps its cache entries."""
+    fp = getattr(tok, "_postlab_fingerprint", None)
+    if fp is None:
+        h = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode())
+        h.update(json.dumps([tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token]).encode())
+        fp = h.hexdigest()
+        try:
+            tok._postlab_fingerprint = fp
+        except AttributeError:
+            pass
+    return fp
+
+
 def cache_key(lm: LM, items: list[Tokenized], settings: dict) -> str:
     tok = lm.tokenizer
     parts = {"weights": weights_hash(lm.model), "data": items_hash(items), "vocab": len(tok),
-             "tokenizer": getattr(tok, "name_or_path", ""), "precision": lm.precision, **settings}
+             "tokenizer": tokenizer_fingerprint(tok), "precision": lm.precision, **settings}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
