@@ -66,3 +66,27 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, 
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-6)
     assert json.loads((tmp_path / "two" / "result.json").read_text())["stages"][0]["tokens"] == \
         json.loads((tmp_path / "one" / "result.json").read_text())["stages"][0]["tokens"]
+
+
+def test_each_process_takes_a_contiguous_weighted_share_of_a_micro_batch(monkeypatch):
+    from postlab import distributed
+
+    idx = list(range(10, 17))  # 7 examples over 3 processes
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    shares = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares.append(distributed.my_share(idx))
+    assert [s for part, _ in shares for s in part] == idx  # every example once, in order
+    assert sum(w for _, w in shares) == pytest.approx(1.0)
+    assert [len(p) for p, _ in shares] == [2, 2, 3] and [w for _, w in shares] == pytest.approx([2 / 7, 2 / 7, 3 / 7])
+
+
+def test_a_micro_batch_smaller_than_the_process_count_is_refused(tiny_llama, tmp_path, monkeypatch):
+    from postlab import distributed
+    from postlab.errors import TrainingError
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    data = write_pairs(tmp_path / "pairs.tsv", n=8)
+    with pytest.raises(TrainingError, match="optim.batch_size=2 is smaller than the 4 processes"):
+        run(parse_run_config(run_config(tiny_llama, tmp_path / "run", data, optim={"batch_size": 2})))

@@ -365,3 +365,24 @@ def test_demo_runs_a_study_on_the_data_dir_and_prints_the_main_table(tmp_path, t
     with pytest.raises(DataError, match="sonnets/sonnets.txt"):
         (data / "sonnets" / "sonnets.txt").unlink()
         demo(str(data), study, str(tmp_path / "out2"))
+
+
+def test_estimate_counts_reused_stages_as_free_and_cut_completions_as_shorter(tmp_path, tiny_llama):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tell story {i}:", "completion": " once upon a time" * 20}) + "\n"
+                            for i in range(16)))
+    task = {"name": "file", "train": str(data), "dev": str(data)}
+    tree = {"name": "est", "base": {"model": {"name": str(tiny_llama)}, "optim": {"batch_size": 4}, "task": task},
+            "axes": {"regime": {"sft": {"stages": [{"name": "sft"}]},
+                                "sft->dpo": {"stages": [{"name": "sft"}, {"name": "dpo", "objective": {"name": "dpo"},
+                                                                          "task": {"name": "file", "train": str(data)}}]},
+                                "sft-cut": {"stages": [{"name": "sft", "task": {**task, "max_completion_tokens": 8}}]}}}}
+    runs = st.plan(st.load_study(write_study(tmp_path / "est.yaml", tree)))
+    by = {e.run.run_id: e for e in estimate(runs)[0]}
+    sft, staged, cut = by["regime=sft"], by["regime=sft-to-dpo"], by["regime=sft-cut"]
+    assert not sft.stages[0].reused and staged.stages[0].reused
+    assert staged.stages[0].seconds == 0 and staged.stages[0].train_tokens == 0
+    assert not staged.stages[1].reused and staged.stages[1].seconds > 0
+    assert cut.train_tokens < sft.train_tokens / 3  # 8 of ~81 completion tokens kept
+    assert "sft (reused)" in st.format_plan(st.load_study(tmp_path / "est.yaml"), runs, tmp_path, estimate(runs)[0],
+                                            estimate(runs)[1])

@@ -170,3 +170,15 @@ def test_max_completion_tokens_cuts_training_answers_without_eos(tiny_llama):
     assert cut[0].completions[0] == full[0].completions[0][:3] and eos not in cut[0].completions[0]
     assert cut[0].completions[1] == full[0].completions[1][:3]  # short answers keep their EOS
     assert cut[0].prompt == full[0].prompt
+
+
+def test_a_stage_trains_on_answers_cut_to_max_completion_tokens(tiny_llama, tmp_path):
+    from postlab.config import StageConfig
+    from postlab.run import stage_items
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "Tell a story:", "completion": " once upon a time" * 10}) + "\n")
+    lm = load_lm(str(tiny_llama))
+    stage = StageConfig(task={"name": "file", "train": str(data), "max_completion_tokens": 5})
+    _, _, items = stage_items(lm, stage)
+    assert [len(c) for c in items[0].completions] == [5]

@@ -94,6 +94,11 @@ class TaskConfig(Strict):
     generation: GenerationConfig = GenerationConfig()
     pairs: PairsConfig = PairsConfig()  # preference pairs for tasks that sample rejected answers
 
+    def evaluation_settings(self) -> dict:
+        """The fields that decide what evaluation measures (dev data, metrics, generation), without
+        the training-only ones: two stages that agree here evaluate the same weights identically."""
+        return self.model_dump(mode="json", exclude={"train", "train_limit", "pairs", "max_completion_tokens"})
+
 
 class OptimConfig(Strict):
     lr: float = Field(2e-5, gt=0)

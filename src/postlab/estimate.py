@@ -2,6 +2,7 @@
 from a throughput measured here (`--measure`) or a documented default per device. Estimates only."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -274,8 +275,7 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
             fwd = n * per_example if spec.needs_reference else 0.0
             # A stage's starting evaluation is cached: the previous stage's final one, or (first stage)
             # the base model's, evaluated once per task and evaluation settings.
-            start_key = m.model_dump_json() + s.task.model_dump_json(exclude={"train", "train_limit", "pairs",
-                                                                              "max_completion_tokens"})
+            start_key = m.model_dump_json() + json.dumps(s.task.evaluation_settings(), sort_keys=True)
             start_eval = s.eval_at_start and i == 0 and start_key not in evaluated
             evaluated.add(start_key)
             evals = math.ceil(epochs) + int(start_eval)

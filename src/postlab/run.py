@@ -264,8 +264,7 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
     args = parse_args(spec, stage.objective.args)
     sdir.mkdir(parents=True, exist_ok=True)
 
-    train_only = {"train", "train_limit", "pairs", "max_completion_tokens"}
-    eval_settings = {"task": stage.task.model_dump(mode="json", exclude=train_only), "batch_size": stage.eval_batch_size}
+    eval_settings = {"task": stage.task.evaluation_settings(), "batch_size": stage.eval_batch_size}
 
     def evaluate() -> dict[str, float]:
         return cached_evaluation(lm, eval_settings, sdir / "eval",
