@@ -72,50 +72,58 @@ def cache_key(lm: LM, items: list[Tokenized], settings: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _save(path: Path, key: str, values: list[list[torch.Tensor]]) -> None:
-    flat = torch.cat([t for v in values for t in v]).float().contiguous()
-    lengths = torch.tensor([len(t) for v in values for t in v], dtype=torch.long)
+def _save(path: Path, key: str, tensors: dict[str, list[list[torch.Tensor]]]) -> None:
+    """Each named structure (per item, per completion: a tensor with completion tokens first) is
+    stored flat, with the lengths to split it again."""
+    first = next(iter(tensors.values()))
+    flat = {name: torch.cat([t for v in values for t in v]).contiguous() for name, values in tensors.items()}
+    flat["lengths"] = torch.tensor([len(t) for v in first for t in v], dtype=torch.long)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"values": flat, "lengths": lengths}, str(tmp),
-              metadata={"key": key, "items": str(len(values)), "per_item": str(len(values[0]))})
+    save_file(flat, str(tmp), metadata={"key": key, "items": str(len(first)), "per_item": str(len(first[0]))})
     tmp.replace(path)
 
 
-def _load(path: Path, key: str, n_items: int) -> list[list[torch.Tensor]] | None:
+def _load(path: Path, key: str, n_items: int, names: tuple[str, ...]) -> dict[str, list[list[torch.Tensor]]] | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             if meta.get("key") != key or int(meta["items"]) != n_items:
                 log.warning("%s: cache file belongs to other data or another model; recomputing", path)
                 return None
-            flat, lengths, per = f.get_tensor("values"), f.get_tensor("lengths"), int(meta["per_item"])
+            lengths, per = f.get_tensor("lengths"), int(meta["per_item"])
+            flat = {name: f.get_tensor(name) for name in names}
     except Exception as e:  # noqa: BLE001 - a corrupt cache is recomputed, never trusted
         log.warning("%s: unreadable cache (%s); recomputing", path, e)
         return None
-    if int(lengths.sum()) != flat.numel():
+    if any(int(lengths.sum()) != t.shape[0] for t in flat.values()):
         log.warning("%s: cache file is truncated; recomputing", path)
         return None
-    pieces = list(torch.split(flat, lengths.tolist()))
-    return [pieces[i * per:(i + 1) * per] for i in range(n_items)]
+    out = {}
+    for name, t in flat.items():
+        pieces = list(torch.split(t, lengths.tolist()))
+        out[name] = [pieces[i * per:(i + 1) * per] for i in range(n_items)]
+    return out
 
 
 def cached_token_logps(lm: LM, items: list[Tokenized], role: str, batch_size: int = 16,
-                       directory: Path | None = None) -> list[list[torch.Tensor]]:
+                       directory: Path | None = None, topk: int = 0):
     """Per item, per completion: the model's per-token log-probs (fp32, CPU). `role` names the use
-    (reference, teacher) in logs and file names."""
-    key = cache_key(lm, items, {"role": role})
+    (reference, teacher) in logs and file names. With `topk` > 0, returns (log-probs, top-k
+    log-probs [tokens, k], their token ids [tokens, k]): the model's distribution at each completion
+    position, cut to its k most likely tokens (the objectives treat the rest as one tail bucket)."""
+    key = cache_key(lm, items, {"role": role, **({"topk": topk} if topk else {})})
     directory = directory or cache_dir() / "logps"
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{role}-{key}.safetensors"
-    if path.is_file():
-        got = _load(path, key, len(items))
-        if got is not None:
-            log.info("%s log-probs: reusing cache %s", role, path)
-            return got
-    out = token_logps(lm, items, batch_size, desc=f"{role} log-probs")
-    _save(path, key, out)
-    log.info("%s log-probs: computed for %d items, cached at %s", role, len(items), path)
-    return out
+    path = directory / f"{role}{f'-top{topk}' if topk else ''}-{key}.safetensors"
+    names = ("values", "topk_values", "topk_index") if topk else ("values",)
+    got = _load(path, key, len(items), names) if path.is_file() else None
+    if got is not None:
+        log.info("%s log-probs: reusing cache %s", role, path)
+    else:
+        got = dict(zip(names, token_logps(lm, items, batch_size, desc=f"{role} log-probs", topk=topk)))
+        _save(path, key, got)
+        log.info("%s log-probs: computed for %d items, cached at %s", role, len(items), path)
+    return tuple(got[n] for n in names) if topk else got["values"]
 
 
 def cached_evaluation(lm: LM, settings: dict, out_dir: Path, compute: Callable[[Path], dict[str, float]]) -> dict[str, float]:

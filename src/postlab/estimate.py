@@ -272,7 +272,7 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
                 steps = min(steps, s.max_steps)
             epochs = steps / steps_per_epoch if steps_per_epoch else 0.0
             train_tokens = n * per_example * epochs
-            fwd = n * per_example if spec.needs_reference else 0.0
+            fwd = n * per_example if (spec.needs_reference or spec.topk_of) else 0.0
             # A stage's starting evaluation is cached: the previous stage's final one, or (first stage)
             # the base model's, evaluated once per task and evaluation settings.
             start_key = m.model_dump_json() + json.dumps(s.task.evaluation_settings(), sort_keys=True)

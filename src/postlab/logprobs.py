@@ -15,13 +15,34 @@ from .models import LM, decoder_and_head
 CHUNK_ROWS = 512
 
 
-def _chunk_logps(head: torch.nn.Module, h: torch.Tensor, local_hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_logps(head: torch.nn.Module, h: torch.Tensor, local_hidden: torch.Tensor, targets: torch.Tensor,
+                 at: torch.Tensor | None = None):
+    """Log-probs of `targets` at rows `local_hidden` of this chunk; with `at` ([entries, k] token ids)
+    also the log-probs of those tokens at the same rows."""
     logits = head(h).float()
-    return logits[local_hidden, targets] - logits.logsumexp(-1)[local_hidden]
+    lse = logits.logsumexp(-1)
+    tok = logits[local_hidden, targets] - lse[local_hidden]
+    if at is None:
+        return tok
+    return tok, logits[local_hidden].gather(-1, at) - lse[local_hidden, None]
 
 
-def score(lm: LM, batch: ScoreBatch, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (log-probs [answers, slots] in fp32, mask [answers, slots] bool)."""
+def _chunk_topk(head: torch.nn.Module, h: torch.Tensor, local_hidden: torch.Tensor, targets: torch.Tensor, k: int):
+    logits = head(h).float()
+    lse = logits.logsumexp(-1)
+    values, index = logits[local_hidden].topk(k, dim=-1)
+    return logits[local_hidden, targets] - lse[local_hidden], values - lse[local_hidden, None], index
+
+
+def _layout(batch: ScoreBatch, vals: torch.Tensor) -> torch.Tensor:
+    """Per-entry values [M, ...] -> [answers, slots, ...] (zeros where no token)."""
+    out = torch.zeros(batch.n_answers, batch.n_slots, *vals.shape[1:], dtype=vals.dtype, device=vals.device)
+    return out.index_put((batch.entry_answer, batch.entry_slot), vals)
+
+
+def _score_chunks(lm: LM, batch: ScoreBatch, chunk_rows: int, fn, extra=None, **kw) -> list:
+    """Run the decoder once, then `fn` over chunks of scored rows; `extra` ([M, ...], per entry) is
+    sliced along with the entries. Returns the per-output concatenations."""
     body, head = decoder_and_head(lm.model)
     with lm.autocast():
         hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
@@ -32,22 +53,44 @@ def score(lm: LM, batch: ScoreBatch, chunk_rows: int = CHUNK_ROWS) -> tuple[torc
         for c, s in enumerate(range(0, U, chunk_rows)):
             lo, hi = int(bounds[c]), int(bounds[c + 1])
             args = (h[s:s + chunk_rows], batch.entry_hidden[lo:hi] - s, batch.entry_target[lo:hi])
+            if extra is not None:
+                args += (extra[lo:hi],)
             if torch.is_grad_enabled() and U > chunk_rows:
-                pieces.append(checkpoint(_chunk_logps, head, *args, use_reentrant=False))
+                out = checkpoint(fn, head, *args, use_reentrant=False, **kw)
             else:
-                pieces.append(_chunk_logps(head, *args))
-    vals = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-    out = torch.zeros(batch.n_answers, batch.n_slots, dtype=torch.float32, device=vals.device)
-    mask = torch.zeros(batch.n_answers, batch.n_slots, dtype=torch.bool, device=vals.device)
-    out = out.index_put((batch.entry_answer, batch.entry_slot), vals)
+                out = fn(head, *args, **kw)
+            pieces.append(out if isinstance(out, tuple) else (out,))
+    return [torch.cat(p) if len(p) > 1 else p[0] for p in zip(*pieces)]
+
+
+def _mask(batch: ScoreBatch, device) -> torch.Tensor:
+    mask = torch.zeros(batch.n_answers, batch.n_slots, dtype=torch.bool, device=device)
     mask[batch.entry_answer, batch.entry_slot] = True
-    return out, mask
+    return mask
+
+
+def score(lm: LM, batch: ScoreBatch, chunk_rows: int = CHUNK_ROWS, at: torch.Tensor | None = None):
+    """Return (log-probs [answers, slots] in fp32, mask [answers, slots] bool). With `at`
+    ([answers, slots, k] token ids, e.g. a cached top-k of the reference or teacher), also the
+    log-probs of those tokens at each completion position: a third output [answers, slots, k]."""
+    extra = None if at is None else at[batch.entry_answer, batch.entry_slot]
+    outs = _score_chunks(lm, batch, chunk_rows, _chunk_logps, extra)
+    logps, mask = _layout(batch, outs[0]), _mask(batch, outs[0].device)
+    return (logps, mask) if at is None else (logps, mask, _layout(batch, outs[1]))
 
 
 @torch.no_grad()
-def score_all(lm: LM, items: list, batch_size: int, desc: str | None = None):
+def score_topk(lm: LM, batch: ScoreBatch, k: int, chunk_rows: int = CHUNK_ROWS):
+    """(log-probs, mask, top-k log-probs [answers, slots, k], their token ids [answers, slots, k])."""
+    logps, values, index = _score_chunks(lm, batch, chunk_rows, _chunk_topk, k=k)
+    return _layout(batch, logps), _mask(batch, logps.device), _layout(batch, values), _layout(batch, index)
+
+
+@torch.no_grad()
+def score_all(lm: LM, items: list, batch_size: int, desc: str | None = None, topk: int = 0):
     """Score `items` (Tokenized) in length-sorted batches without gradients; yields
-    (indices, log-probs, mask) per batch, indices pointing into `items`."""
+    (indices, log-probs, mask) per batch -- plus top-k log-probs and ids with `topk` -- indices
+    pointing into `items`."""
     from tqdm.auto import tqdm
 
     was_training = lm.model.training
@@ -57,21 +100,26 @@ def score_all(lm: LM, items: list, batch_size: int, desc: str | None = None):
     try:
         for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
             idx = order[s:s + batch_size]
-            logps, mask = score(lm, score_batch([items[i] for i in idx], pad).to(lm.device))
-            yield idx, logps, mask
+            batch = score_batch([items[i] for i in idx], pad).to(lm.device)
+            yield (idx, *(score_topk(lm, batch, topk) if topk else score(lm, batch)))
     finally:
         lm.model.train(was_training)
 
 
-def token_logps(lm: LM, items: list, batch_size: int, desc: str | None = None) -> list[list[torch.Tensor]]:
-    """Per item, per completion: per-token log-probs (fp32, CPU), in the items' order."""
-    out: list[list[torch.Tensor]] = [[] for _ in items]
-    for idx, logps, mask in score_all(lm, items, batch_size, desc=desc):
+def token_logps(lm: LM, items: list, batch_size: int, desc: str | None = None, topk: int = 0):
+    """Per item, per completion: per-token log-probs (fp32, CPU), in the items' order. With `topk`,
+    a tuple of three such structures: log-probs, top-k log-probs [tokens, k], top-k ids [tokens, k]."""
+    n_out = 3 if topk else 1
+    outs: list[list[list[torch.Tensor]]] = [[[] for _ in items] for _ in range(n_out)]
+    for idx, logps, mask, *dist in score_all(lm, items, batch_size, desc=desc, topk=topk):
         B = len(idx)
         for k in range(len(items[idx[0]].completions)):
             for b, i in enumerate(idx):
-                out[i].append(logps[k * B + b][mask[k * B + b]].float().cpu())
-    return out
+                row = k * B + b
+                for o, t in enumerate([logps, *dist]):
+                    x = t[row][mask[row]].cpu()
+                    outs[o][i].append(x.to(torch.int32) if x.dtype == torch.long else x.float())
+    return tuple(outs) if topk else outs[0]
 
 
 def completion_nll(lm: LM, examples: list[Example], batch_size: int, overlength: str = "refuse",

@@ -81,19 +81,23 @@ def stage_items(lm: LM, stage: StageConfig, model_cfg: ModelConfig | None = None
 
 
 def stage_data(lm: LM, cfg: RunConfig, stage: StageConfig):
-    """(task, objective spec, tokenized training items, cached reference log-probs or None). The
+    """(task, objective spec, tokenized training items, cached constants): the reference's per-token
+    log-probs (`reference`) and, for objectives over whole distributions, its top-k (`topk`). The
     reference is the policy as the stage begins, or the run's base model (`reference: base`)."""
     task, spec, items = stage_items(lm, stage, cfg.model)
-    reference = None
-    if spec.needs_reference:
+    cached: dict = {}
+    if spec.needs_reference or spec.topk_of == "reference":
+        k = parse_args(spec, stage.objective.args).topk if spec.topk_of == "reference" else 0
+        ref = lm
         if stage.reference == "base":
             m = cfg.model
-            base = load_lm(m.name, m.device, m.precision, m.trust_remote_code, m.max_length)
-            reference = cached_token_logps(base, items, "reference", stage.eval_batch_size)
-            del base
-        else:
-            reference = cached_token_logps(lm, items, "reference", stage.eval_batch_size)
-    return task, spec, items, reference
+            ref = load_lm(m.name, m.device, m.precision, m.trust_remote_code, m.max_length)
+        got = cached_token_logps(ref, items, "reference", stage.eval_batch_size, topk=k)
+        cached["reference"], *topk = got if k else (got,)
+        if k:
+            cached["topk"] = tuple(topk)
+        del ref
+    return task, spec, items, cached
 
 
 def check_resume(out: Path, cfg: RunConfig, resume: bool) -> None:
@@ -260,7 +264,7 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
              describe(lm.model))
     t_prepare = time.perf_counter()
     with dist.main_first():  # the main process fills the caches (pairs, reference log-probs)
-        task, spec, items, reference = stage_data(lm, cfg, stage)
+        task, spec, items, cached = stage_data(lm, cfg, stage)
     args = parse_args(spec, stage.objective.args)
     sdir.mkdir(parents=True, exist_ok=True)
 
@@ -271,7 +275,7 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
                                  lambda out: task.evaluate(lm, out, stage.eval_batch_size))
 
     prepare_s = round(time.perf_counter() - t_prepare, 2)  # data, sampled pairs, reference pass
-    summary = train_stage(lm, stage, spec, args, items, sdir, cfg.seed * 100 + i, metrics, evaluate, reference)
+    summary = train_stage(lm, stage, spec, args, items, sdir, cfg.seed * 100 + i, metrics, evaluate, **cached)
     if stage.save_model or not last:  # later stages (and their resumption) start from this model
         if dist.is_main():
             save_model(lm, sdir / "model")

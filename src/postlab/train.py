@@ -68,9 +68,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def cached_logps(cache: list[list[torch.Tensor]], idx: list[int], n_slots: int) -> torch.Tensor:
-    """Cached per-token log-probs laid out like a score batch's answers (completion-major)."""
+    """Cached per-token values (log-probs, or top-k rows of them) laid out like a score batch's
+    answers (completion-major): [answers, slots, ...]."""
     n_comp = len(cache[idx[0]])
-    out = torch.zeros(n_comp * len(idx), n_slots)
+    first = cache[idx[0]][0]
+    out = torch.zeros(n_comp * len(idx), n_slots, *first.shape[1:],
+                      dtype=torch.long if first.dtype == torch.int32 else first.dtype)
     for k in range(n_comp):
         for b, i in enumerate(idx):
             t = cache[i][k]
@@ -78,16 +81,16 @@ def cached_logps(cache: list[list[torch.Tensor]], idx: list[int], n_slots: int) 
     return out
 
 
-def objective_inputs(spec: ObjectiveSpec, logps, mask, n_items: int, reference=None, teacher=None):
+def objective_inputs(spec: ObjectiveSpec, logps, mask, n_items: int, **cached) -> TokenLogps | PairLogps:
+    """The objective's input: `cached` holds the optional TokenLogps fields (reference, teacher,
+    topk_policy, topk_target), laid out like `logps`."""
     if spec.kind == "sft":
-        return TokenLogps(logps, mask, reference, teacher)
+        return TokenLogps(logps, mask, **cached)
 
-    def part(x, sl):
-        return None if x is None else x[sl]
+    def part(sl):
+        return TokenLogps(logps[sl], mask[sl], **{k: None if v is None else v[sl] for k, v in cached.items()})
 
-    c, r = slice(0, n_items), slice(n_items, 2 * n_items)
-    return PairLogps(TokenLogps(logps[c], mask[c], part(reference, c), part(teacher, c)),
-                     TokenLogps(logps[r], mask[r], part(reference, r), part(teacher, r)))
+    return PairLogps(part(slice(0, n_items)), part(slice(n_items, 2 * n_items)))
 
 
 @dataclass
@@ -124,9 +127,12 @@ def make_optimizer(model: torch.nn.Module, cfg: StageConfig, total_steps: int):
 def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveArgs, items: list[Tokenized],
                 stage_dir: Path, seed: int, metrics: MetricsLog, evaluate: Callable[[], dict[str, float]],
                 reference: list[list[torch.Tensor]] | None = None,
-                teacher: list[list[torch.Tensor]] | None = None) -> dict:
+                teacher: list[list[torch.Tensor]] | None = None,
+                topk: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None) -> dict:
     """Train `lm.model` in place on `items` with `spec`; resumes from `stage_dir/checkpoint` when
-    present. Returns a summary (steps, tokens, wall time, peak memory, last losses, eval metrics)."""
+    present. Returns a summary (steps, tokens, wall time, peak memory, last losses, eval metrics).
+    `reference`/`teacher`: cached per-token log-probs; `topk`: cached (log-probs, token ids) of the
+    reference's or teacher's k most likely tokens at each completion position."""
     model, device = lm.model, lm.device
     lengths = [it.length for it in items]
     schedule = Schedule(lambda e: length_grouped_batches(lengths, cfg.optim.batch_size, seed * 1000 + e,
@@ -183,10 +189,14 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
             for full_idx in groups[g]:
                 idx, share = dist.my_share(full_idx)  # all of it in a single process
                 batch = score_batch([items[i] for i in idx], pad).to(device)
-                logps, mask = score(lm, batch)
-                ref = cached_logps(reference, idx, batch.n_slots).to(device) if reference is not None else None
-                tea = cached_logps(teacher, idx, batch.n_slots).to(device) if teacher is not None else None
-                loss, m = spec.fn(objective_inputs(spec, logps, mask, len(idx), ref, tea), args)
+                cached = {name: cached_logps(c, idx, batch.n_slots).to(device)
+                          for name, c in (("reference", reference), ("teacher", teacher)) if c is not None}
+                if topk is None:
+                    logps, mask = score(lm, batch)
+                else:  # the policy's log-probs at the cached top-k tokens of each position
+                    cached["topk_target"] = cached_logps(topk[0], idx, batch.n_slots).to(device)
+                    logps, mask, cached["topk_policy"] = score(lm, batch, at=cached_logps(topk[1], idx, batch.n_slots).to(device))
+                loss, m = spec.fn(objective_inputs(spec, logps, mask, len(idx), **cached), args)
                 if not torch.isfinite(loss):
                     bar.close()
                     raise TrainingError(f"stage {cfg.name}: loss is {loss.item()} at step {step + 1}; stopped. The last "

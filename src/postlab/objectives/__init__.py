@@ -24,13 +24,18 @@ class TokenLogps:
     """Per-token log-probs of completion tokens, right-padded to [batch, tokens].
 
     ``policy`` carries gradients; ``reference``/``teacher`` are cached constants (same shape) or None.
-    ``mask`` is True at real completion tokens.
+    ``mask`` is True at real completion tokens. For objectives over whole next-token distributions
+    (``topk_of``): ``topk_target`` [batch, tokens, k] holds the cached log-probs of the reference's or
+    teacher's k most likely tokens at each position, ``topk_policy`` the policy's log-probs of the same
+    tokens (with gradients); see :mod:`postlab.objectives.divergence` for how the tail is handled.
     """
 
     policy: torch.Tensor
     mask: torch.Tensor
     reference: torch.Tensor | None = None
     teacher: torch.Tensor | None = None
+    topk_policy: torch.Tensor | None = None
+    topk_target: torch.Tensor | None = None
 
     def sum(self, which: str = "policy") -> torch.Tensor:
         """Sequence log-prob: sum over completion tokens -> [batch]."""
@@ -68,6 +73,7 @@ class ObjectiveSpec:
     kind: Literal["sft", "preference"]
     needs_reference: bool = False
     needs_teacher: bool = False
+    topk_of: Literal["reference", "teacher"] | None = None  # needs that model's top-k distribution (args.topk)
     doc: str = field(default="")
 
 
@@ -75,11 +81,15 @@ REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
 def register(name: str, *, args: type[ObjectiveArgs] = ObjectiveArgs, kind: Literal["sft", "preference"],
-             needs_reference: bool = False, needs_teacher: bool = False) -> Callable[[LossFn], LossFn]:
+             needs_reference: bool = False, needs_teacher: bool = False,
+             topk_of: Literal["reference", "teacher"] | None = None) -> Callable[[LossFn], LossFn]:
     def deco(fn: LossFn) -> LossFn:
         if name in REGISTRY:
             raise ValueError(f"objective {name!r} registered twice")
-        REGISTRY[name] = ObjectiveSpec(name, fn, args, kind, needs_reference, needs_teacher, (fn.__doc__ or "").strip())
+        if topk_of and "topk" not in args.model_fields:
+            raise ValueError(f"objective {name!r}: topk_of needs a `topk` field in its args")
+        REGISTRY[name] = ObjectiveSpec(name, fn, args, kind, needs_reference, needs_teacher, topk_of,
+                                       (fn.__doc__ or "").strip())
         return fn
 
     return deco
