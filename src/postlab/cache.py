@@ -120,7 +120,8 @@ def cached_token_logps(lm: LM, items: list[Tokenized], role: str, batch_size: in
     if got is not None:
         log.info("%s log-probs: reusing cache %s", role, path)
     else:
-        got = dict(zip(names, token_logps(lm, items, batch_size, desc=f"{role} log-probs", topk=topk)))
+        computed = token_logps(lm, items, batch_size, desc=f"{role} log-probs", topk=topk)
+        got = dict(zip(names, computed if topk else (computed,)))
         _save(path, key, got)
         log.info("%s log-probs: computed for %d items, cached at %s", role, len(items), path)
     return tuple(got[n] for n in names) if topk else got["values"]

@@ -94,6 +94,40 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(a: argparse.Namespace) -> int:
+    from .config import TaskConfig
+    from .diagnose import diagnose, format_summary
+    from .models import load_lm
+    from .tasks import get_task
+
+    if bool(a.data) == bool(a.task):
+        raise PostlabError("diagnose: give --data PAIRS (a prompt/chosen/rejected file) or --task NAME (its dev pairs)")
+    cfg = TaskConfig(name="file", dev=a.data) if a.data else TaskConfig(name=a.task, **({"dev": a.dev} if a.dev else {}))
+    task = get_task(cfg.model_copy(update={"dev_limit": a.limit}))
+    pairs = task.preference_pairs("dev")
+    policy = load_lm(a.checkpoint, a.device, a.precision)
+    reference = load_lm(a.reference, a.device, a.precision)
+    out = Path(a.out or Path(a.checkpoint) / "diagnose")
+    summary = diagnose(policy, reference, pairs, a.beta, out, a.batch_size, task.append_eos, a.examples)
+    print(format_summary(summary))
+    print(f"wrote {out}/summary.json, per_example.jsonl, q_view.png")
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from . import merge
+
+    if a.merge_command == "soup":
+        paths, coef = a.checkpoints, merge.soup_coefficients(len(a.checkpoints), a.weights)
+        note = {"method": "soup", "checkpoints": paths, "coefficients": coef}
+    else:
+        paths, coef = [a.sft, a.dpo], merge.expo_coefficients(a.lam)
+        note = {"method": "expo", "sft": a.sft, "dpo": a.dpo, "lambda": a.lam, "coefficients": coef}
+    out = merge.write(merge.combine(paths, coef), Path(a.out), note)
+    print(f"wrote {out} ({note['method']}: " + ", ".join(f"{c:+.3g}·{p}" for c, p in zip(coef, paths)) + ")")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import demo
 
@@ -180,6 +214,32 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--merge", action="store_true")
     x.set_defaults(fn=cmd_export)
+
+    dg = sub.add_parser("diagnose", help="implicit rewards, reward accuracy/margin, KL to the reference, Q-view plot")
+    model_args(dg)
+    dg.add_argument("--reference", required=True, help="the reference model (e.g. the stage's starting checkpoint)")
+    dg.add_argument("--data", help="a prompt/chosen/rejected file (JSONL/CSV/Parquet) or hub dataset id")
+    dg.add_argument("--task", help="or: a task whose dev pairs to use (paraphrase)")
+    dg.add_argument("--dev", help="with --task: its dev file")
+    dg.add_argument("--limit", type=int, help="only the first N pairs")
+    dg.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward")
+    dg.add_argument("--examples", type=int, default=4, help="examples in the Q-view plot")
+    dg.add_argument("--batch-size", type=int, default=16)
+    dg.add_argument("--out", help="output directory (default CHECKPOINT/diagnose)")
+    dg.set_defaults(fn=cmd_diagnose)
+
+    mg = sub.add_parser("merge", help="weight-space tools: model soups and ExPO extrapolation -> an HF checkpoint")
+    ms = mg.add_subparsers(dest="merge_command", required=True)
+    q = ms.add_parser("soup", help="(weighted) average of checkpoints of the same base; adapters are merged first")
+    q.add_argument("checkpoints", nargs="+")
+    q.add_argument("--weights", type=float, nargs="+", help="one per checkpoint (normalized to sum 1); default uniform")
+    q.add_argument("--out", required=True)
+    q = ms.add_parser("expo", help="ExPO: θ = θ_sft + λ(θ_dpo − θ_sft)")
+    q.add_argument("--sft", required=True, help="the SFT checkpoint (ExPO's starting point)")
+    q.add_argument("--dpo", required=True, help="the aligned checkpoint trained from it")
+    q.add_argument("--lam", type=float, required=True, help="λ: 0 = SFT, 1 = DPO, >1 extrapolates")
+    q.add_argument("--out", required=True)
+    mg.set_defaults(fn=cmd_merge)
 
     d = sub.add_parser("demo", help="the main job: studies/quick.yaml on the embedded model and the shared data")
     d.add_argument("--data", default="../shared/data")

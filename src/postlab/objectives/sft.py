@@ -76,8 +76,8 @@ def chi2(x: TokenLogps, args: Chi2Args) -> Out:
 @register("klsft", args=Chi2Args, kind="sft", needs_reference=True)
 def klsft(x: TokenLogps, args: Chi2Args) -> Out:
     """KL-preserving SFT from the KL divergence's convex conjugate f*(t) = e^{t−1}: per token
-    −r_t + α(e^{r_t/α} − 1 − r_t/α). Optimum at r_t = α·ln 2; the penalty grows exponentially past it,
-    a stronger anchor than χ²'s quadratic for large rewards and a weaker one near zero."""
+    −r_t + α(e^{r_t/α} − 1 − r_t/α). Optimum at r_t = α·ln 2; near r = 0 the penalty is r²/(2α) (twice
+    χ²'s) and past the optimum it grows exponentially: a stronger anchor than ``chi2`` at equal α."""
     r, m = _implicit_rewards(x, args.beta)
     t = r / args.alpha
     return masked_mean(-r + args.alpha * (torch.expm1(t) - t), x.mask), m

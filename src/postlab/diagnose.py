@@ -1,0 +1,113 @@
+"""Implicit-reward diagnostics of a checkpoint against its reference, on preference pairs.
+
+Reads the policy as the implicit reward model r(x, y) = β·log πθ(y|x)/πref(y|x) (arXiv 2507.00018):
+per-pair rewards, reward accuracy and margin; the KL(π‖πref) of the next-token distributions at the
+data's completion positions (exact, over the full vocabulary); and the logits-as-Q view, in which
+β·log π(y_t|s_t) = Q(s_t, y_t) − V(s_t), so its running sum over a completion is the sequence's
+β·log π(y|x): plotted per token for a few examples.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .cache import cached_token_logps
+from .checkpoint import atomic_write_json, atomic_write_text
+from .data import Pair, score_batch, tokenize
+from .logprobs import token_logps
+from .models import LM, decoder_and_head
+
+
+@torch.no_grad()
+def position_kl(policy: LM, reference: LM, items: list, batch_size: int) -> tuple[float, int]:
+    """(mean, count) of KL(π(·|s)‖πref(·|s)) over the distinct contexts s that predict a chosen
+    (first-completion) token: the full next-token distributions of both models, a chunk at a time."""
+    total, count = 0.0, 0
+    pad = policy.tokenizer.pad_token_id
+    for m in (policy, reference):
+        m.model.eval()
+    for s in range(0, len(items), batch_size):
+        batch = score_batch(items[s:s + batch_size], pad).to(policy.device)
+        rows = batch.entry_hidden[batch.entry_answer < len(items[s:s + batch_size])].unique()
+        logps = []
+        for m in (policy, reference):
+            body, head = decoder_and_head(m.model)
+            with m.autocast():
+                h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            h = h.reshape(-1, h.shape[-1]).index_select(0, batch.hidden_index[rows])
+            logps.append(torch.cat([torch.log_softmax(head(h[c:c + 256]).float(), -1) for c in range(0, len(h), 256)]))
+        p, q = logps
+        total += float((p.exp() * (p - q)).sum(-1).double().sum())
+        count += len(rows)
+    return total / max(count, 1), count
+
+
+def diagnose(policy: LM, reference: LM, pairs: list[Pair], beta: float, out_dir: Path, batch_size: int = 16,
+             append_eos: bool = True, n_plot: int = 4) -> dict:
+    """Write per_example.jsonl, summary.json and q_view.png to `out_dir`; return the summary."""
+    items, report = tokenize(pairs, policy.tokenizer, policy.max_length, "truncate", append_eos=append_eos,
+                             source="pairs")
+    pol = token_logps(policy, items, batch_size, desc="policy log-probs")
+    ref = cached_token_logps(reference, items, "reference", batch_size)
+    rows = []
+    for it, p, r in zip(items, pol, ref):
+        rc, rr = beta * float(p[0].sum() - r[0].sum()), beta * float(p[1].sum() - r[1].sum())
+        rows.append({"id": it.id, "reward_chosen": rc, "reward_rejected": rr, "margin": rc - rr, "correct": rc > rr,
+                     "logp_chosen": float(p[0].sum()), "logp_rejected": float(p[1].sum()),
+                     "ref_logp_chosen": float(r[0].sum()), "ref_logp_rejected": float(r[1].sum())})
+    kl, contexts = position_kl(policy, reference, items, batch_size)
+    margins = [r["margin"] for r in rows]
+    summary = {"pairs": len(rows), "beta": beta,
+               "reward_accuracy": sum(r["correct"] for r in rows) / len(rows),
+               "reward_margin": sum(margins) / len(rows),
+               "reward_chosen": sum(r["reward_chosen"] for r in rows) / len(rows),
+               "reward_rejected": sum(r["reward_rejected"] for r in rows) / len(rows),
+               "kl_per_token": kl, "kl_contexts": contexts,
+               "logratio_chosen_per_pair": sum(r["reward_chosen"] for r in rows) / len(rows) / beta,
+               "truncated_prompts": report.truncated}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "per_example.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(out_dir / "summary.json", summary)
+    plot_q_view(policy, items[:n_plot], pol[:n_plot], ref[:n_plot], beta, out_dir / "q_view.png")
+    return summary
+
+
+def plot_q_view(lm: LM, items: list, pol: list, ref: list, beta: float, path: Path) -> None:
+    """Per example (a row): the chosen and rejected completions' per-token β·log π (bars: Q − V) with
+    its running sum (line: β·log π of the prefix), and the running implicit reward β·log π/πref."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(items)
+    fig, axes = plt.subplots(n, 2, figsize=(12, 2.6 * n), squeeze=False)
+    for i, (it, p, r) in enumerate(zip(items, pol, ref)):
+        for k, which in enumerate(("chosen", "rejected")):
+            ax = axes[i][k]
+            q = beta * p[k]
+            x = range(len(q))
+            ax.bar(x, q.tolist(), color="tab:blue", alpha=0.5, label="β·log π(y_t|s_t) = Q − V")
+            ax.plot(x, q.cumsum(0).tolist(), color="tab:blue", label="running sum")
+            ax.plot(x, (beta * (p[k] - r[k])).cumsum(0).tolist(), color="tab:red", label="running β·log π/πref")
+            toks = [lm.tokenizer.decode([t]) for t in it.completions[k]]
+            if len(toks) <= 24:
+                ax.set_xticks(list(x), [t.replace("\n", "⏎")[:8] for t in toks], rotation=60, fontsize=7)
+            ax.set_title(f"{it.id} {which}", fontsize=9)
+            ax.axhline(0, color="grey", lw=0.5)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def format_summary(s: dict) -> str:
+    return (f"{s['pairs']} pairs, β={s['beta']}: reward accuracy {s['reward_accuracy']:.4f}, margin "
+            f"{s['reward_margin']:.4f} (chosen {s['reward_chosen']:.4f}, rejected {s['reward_rejected']:.4f}); "
+            f"KL(π‖πref) {s['kl_per_token']:.4f} nats per token over {s['kl_contexts']} contexts"
+            + ("" if math.isfinite(s["kl_per_token"]) else " (not finite!)"))

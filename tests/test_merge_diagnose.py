@@ -1,0 +1,114 @@
+"""`postlab merge` (soups, ExPO; FFT checkpoints and LoRA adapters) and `postlab diagnose`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import build_tiny_model
+from postlab.cli import main
+from test_train import write_pairs
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+@pytest.fixture(scope="module")
+def three_llamas(tmp_path_factory, tokenizer_dir) -> list[Path]:
+    return [build_tiny_model(tmp_path_factory.mktemp(f"llama{s}"), "llama", tokenizer_dir, seed=s) for s in range(3)]
+
+
+def test_soup_is_the_weighted_average_and_loads_in_transformers(three_llamas, tmp_path):
+    a, b, c = (weights(p) for p in three_llamas)
+    assert main(["merge", "soup", *map(str, three_llamas), "--out", str(tmp_path / "uniform")]) == 0
+    got = weights(tmp_path / "uniform")  # plain transformers load
+    for k in a:
+        assert torch.allclose(got[k], (a[k] + b[k] + c[k]) / 3, atol=1e-6), k
+    assert main(["merge", "soup", str(three_llamas[0]), str(three_llamas[1]), "--weights", "3", "1",
+                 "--out", str(tmp_path / "weighted")]) == 0
+    got = weights(tmp_path / "weighted")
+    assert all(torch.allclose(got[k], 0.75 * a[k] + 0.25 * b[k], atol=1e-6) for k in a)
+    note = json.loads((tmp_path / "weighted" / "postlab_merge.json").read_text())
+    assert note["coefficients"] == [0.75, 0.25]
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0, 2.0])
+def test_expo_extrapolates_from_sft_through_dpo(three_llamas, tmp_path, lam):
+    sft, dpo = weights(three_llamas[0]), weights(three_llamas[1])
+    assert main(["merge", "expo", "--sft", str(three_llamas[0]), "--dpo", str(three_llamas[1]), "--lam", str(lam),
+                 "--out", str(tmp_path / "expo")]) == 0
+    got = weights(tmp_path / "expo")
+    assert all(torch.allclose(got[k], sft[k] + lam * (dpo[k] - sft[k]), atol=1e-5) for k in sft)
+
+
+def test_merge_takes_lora_adapters_merged_and_the_output_evaluates(three_llamas, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    base = three_llamas[0]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.peft_config["default"].base_model_name_or_path = str(base)
+    model.save_pretrained(tmp_path / "adapter")
+    merged = model.merge_and_unload().state_dict()
+    plain = weights(base)
+    assert main(["merge", "soup", str(tmp_path / "adapter"), str(base), "--out", str(tmp_path / "soup")]) == 0
+    got = weights(tmp_path / "soup")
+    assert any(not torch.equal(merged[k], plain[k]) for k in plain)  # the adapter did change something
+    assert all(torch.allclose(got[k], (merged[k] + plain[k]) / 2, atol=1e-6) for k in plain)
+    data = write_pairs(tmp_path / "pairs.tsv", 8)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "soup"), "--task", "paraphrase", "--dev", str(data)]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1
+
+
+def test_merge_refuses_different_architectures(three_llamas, tmp_path, tokenizer_dir, capsys):
+    gpt2 = build_tiny_model(tmp_path / "gpt2", "gpt2", tokenizer_dir)
+    assert main(["merge", "soup", str(three_llamas[0]), str(gpt2), "--out", str(tmp_path / "x")]) == 2
+    assert "same base architecture" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_diagnose_rewards_kl_and_plot(three_llamas, tmp_path, capsys):
+    from postlab.data import tokenize
+    from postlab.diagnose import diagnose, position_kl
+    from postlab.models import load_lm
+    from postlab.tasks import get_task
+    from postlab.config import TaskConfig
+
+    data = write_pairs(tmp_path / "pairs.tsv", 6)
+    pairs = get_task(TaskConfig(name="paraphrase", dev=str(data))).preference_pairs("dev")
+    ref = load_lm(str(three_llamas[0]))
+    same = diagnose(load_lm(str(three_llamas[0])), ref, pairs, 0.1, tmp_path / "same", n_plot=2)
+    assert same["kl_per_token"] == pytest.approx(0.0, abs=1e-6) and same["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    other = load_lm(str(three_llamas[1]))
+    s = diagnose(other, ref, pairs, 0.5, tmp_path / "other", n_plot=2)
+    rows = [json.loads(l) for l in (tmp_path / "other" / "per_example.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 == s["pairs"]
+    assert s["reward_accuracy"] == pytest.approx(sum(r["margin"] > 0 for r in rows) / 6)
+    r0 = rows[0]
+    assert r0["reward_chosen"] == pytest.approx(0.5 * (r0["logp_chosen"] - r0["ref_logp_chosen"]), rel=1e-5)
+    # KL by hand: full softmaxes of both models at the last prompt position of each pair
+    items, _ = tokenize(pairs, ref.tokenizer, 512, append_eos=False)
+    kls = []
+    with torch.no_grad():
+        for it in items:
+            ids = torch.tensor([it.prompt])
+            p = torch.log_softmax(other.model(ids).logits[0, -1], -1)
+            q = torch.log_softmax(ref.model(ids).logits[0, -1], -1)
+            kls.append(float((p.exp() * (p - q)).sum()))
+    assert s["kl_per_token"] == pytest.approx(sum(kls) / len(kls), rel=1e-2)  # batched vs single rows and s["kl_per_token"] > 0
+    assert (tmp_path / "other" / "q_view.png").stat().st_size > 1000
+    # the command line, with a prompt/chosen/rejected file
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"Q{i}:", "chosen": " good answer", "rejected": " bad"}) + "\n"
+                         for i in range(3)))
+    capsys.readouterr()
+    assert main(["diagnose", str(three_llamas[1]), "--reference", str(three_llamas[0]), "--data", str(f),
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert "reward accuracy" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["pairs"] == 3
