@@ -112,3 +112,29 @@ def test_diagnose_rewards_kl_and_plot(three_llamas, tmp_path, capsys):
                  "--out", str(tmp_path / "cli")]) == 0
     assert "reward accuracy" in capsys.readouterr().out
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["pairs"] == 3
+
+
+@pytest.mark.parametrize("method", ["fft", "lora"])
+def test_expo_lambda_stage_option_extrapolates_the_stage_update(tiny_llama, tmp_path, method):
+    from postlab.config import parse_run_config
+    from postlab.run import run
+    from test_train import run_config
+
+    data = write_pairs(tmp_path / "pairs.tsv", 8)
+    param = {"method": method, **({"lora": {"r": 4}} if method == "lora" else {})}
+    models = {}
+    for lam in (None, 2.5):
+        out = tmp_path / f"run-{lam}"
+        run(parse_run_config(run_config(tiny_llama, out, data, epochs=1, expo_lambda=lam, parameterization=param)))
+        models[lam] = out / "0-sft" / "model"
+    if method == "fft":
+        start, end, got = weights(tiny_llama), weights(models[None]), weights(models[2.5])
+        assert any(not torch.equal(start[k], end[k]) for k in start)
+        assert all(torch.allclose(got[k], start[k] + 2.5 * (end[k] - start[k]), atol=1e-5) for k in start)
+    else:  # the adapter's update B·A is scaled by λ: B scaled, A as trained
+        end = load_file(str(models[None] / "adapter_model.safetensors"))
+        got = load_file(str(models[2.5] / "adapter_model.safetensors"))
+        for k in end:
+            assert torch.allclose(got[k], end[k] * (2.5 if "lora_B" in k else 1.0), atol=1e-6), k
+    rows = [json.loads(l) for l in (tmp_path / "run-2.5" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["expo_lambda"] == 2.5 and "accuracy" in rows[-1]

@@ -29,25 +29,51 @@ def load_full(path: str) -> LM:
     return lm
 
 
+def linear_combination(states: list[dict[str, torch.Tensor]], coefficients: list[float]) -> dict[str, torch.Tensor]:
+    """Σ_i c_i·states[i] for floating-point tensors (accumulated in float64, returned in the first
+    state's dtypes); other tensors (integer buffers) come from the first state."""
+    out = {}
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            out[k] = sum(s[k].double() * c for s, c in zip(states, coefficients)).to(v.dtype)
+        else:
+            out[k] = v.clone()
+    return out
+
+
 def combine(paths: list[str], coefficients: list[float]) -> LM:
-    """The checkpoint Σ c_i·θ_i (floating-point tensors; integer buffers come from the first)."""
+    """The checkpoint Σ c_i·θ_i of full (adapter-merged) checkpoints of one architecture."""
     if len(paths) != len(coefficients) or not paths:
         raise PostlabError(f"merge: {len(paths)} checkpoints but {len(coefficients)} coefficients")
     first = load_full(paths[0])
-    acc = {k: v.double() * coefficients[0] if v.is_floating_point() else v.clone()
-           for k, v in first.model.state_dict().items()}
-    for path, c in zip(paths[1:], coefficients[1:]):
+    states = [first.model.state_dict()]
+    for path in paths[1:]:
         sd = load_full(path).model.state_dict()
-        if sd.keys() != acc.keys() or any(sd[k].shape != acc[k].shape for k in acc):
-            diff = sorted(set(sd) ^ set(acc)) or [k for k in acc if sd[k].shape != acc[k].shape]
+        ref = states[0]
+        if sd.keys() != ref.keys() or any(sd[k].shape != ref[k].shape for k in ref):
+            diff = sorted(set(sd) ^ set(ref)) or [k for k in ref if sd[k].shape != ref[k].shape]
             raise ModelError(f"merge: {path} does not match {paths[0]} (parameters differ: {diff[:3]}); "
                              f"soups and ExPO need checkpoints of the same base architecture")
-        for k, v in sd.items():
-            if v.is_floating_point():
-                acc[k] += v.double() * c
-    dtype = {k: v.dtype for k, v in first.model.state_dict().items()}
-    first.model.load_state_dict({k: v.to(dtype[k]) for k, v in acc.items()})
+        states.append(sd)
+    first.model.load_state_dict(linear_combination(states, coefficients))
     return first
+
+
+def extrapolate_in_place(model: torch.nn.Module, start: dict[str, torch.Tensor], lam: float) -> None:
+    """ExPO inside a run: the trainable weights become θ_start + λ(θ_end − θ_start). For a LoRA
+    adapter that starts fresh (B = 0) only B is scaled, which scales its update B·A by λ exactly
+    (extrapolating A too would scale the product by more than λ)."""
+    from .parameterization import is_peft
+
+    peft = is_peft(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in start or (peft and "lora_B" not in name):
+                continue
+            if peft and bool(start[name].any()):
+                raise PostlabError("expo_lambda on a LoRA stage needs a fresh adapter at the stage start "
+                                   "(parameterization.lora.adapter: new)")
+            p.copy_(linear_combination([{name: start[name]}, {name: p.detach()}], expo_coefficients(lam))[name])
 
 
 def soup_coefficients(n: int, weights: list[float] | None) -> list[float]:

@@ -17,10 +17,11 @@ import torch
 
 from . import distributed as dist
 from .cache import cached_evaluation, cached_token_logps
-from .checkpoint import atomic_write_json, atomic_write_text, read_json
+from .checkpoint import atomic_write_json, atomic_write_text, read_json, trainable_state
 from .config import ModelConfig, RunConfig, StageConfig, dump_config
 from .data import tokenize
 from .errors import ConfigError, PostlabError
+from .merge import extrapolate_in_place
 from .models import LM, cache_dir, load_lm
 from .objectives import get_objective, parse_args
 from .parameterization import apply_parameterization, count_parameters, describe, is_peft
@@ -275,7 +276,15 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
                                  lambda out: task.evaluate(lm, out, stage.eval_batch_size))
 
     prepare_s = round(time.perf_counter() - t_prepare, 2)  # data, sampled pairs, reference pass
+    start = None
+    if stage.expo_lambda is not None:  # ExPO needs the stage's starting weights
+        start = {k: v.clone() for k, v in trainable_state(lm.model).items()}
     summary = train_stage(lm, stage, spec, args, items, sdir, cfg.seed * 100 + i, metrics, evaluate, **cached)
+    if start is not None:
+        extrapolate_in_place(lm.model, start, stage.expo_lambda)
+        summary["metrics"] = evaluate()
+        metrics.write({"stage": stage.name, "split": "dev", "step": summary["steps"], "expo_lambda": stage.expo_lambda,
+                       **summary["metrics"]})
     if stage.save_model or not last:  # later stages (and their resumption) start from this model
         if dist.is_main():
             save_model(lm, sdir / "model")
