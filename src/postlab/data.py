@@ -58,6 +58,7 @@ def tokenize(examples: list[Example] | list[Pair], tokenizer, max_length: int, o
     drop tokens from the start of the prompt, keeping the completion whole."""
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
     out, report = [], TokenizeReport(examples=len(examples))
+    too_long: list[tuple[str, int]] = []  # refused: (id, tokens), all reported together
     for i, ex in enumerate(examples):
         texts = [ex.completion] if isinstance(ex, Example) else [ex.chosen, ex.rejected]
         prompt = tokenizer(ex.prompt, add_special_tokens=False).input_ids
@@ -70,13 +71,21 @@ def tokenize(examples: list[Example] | list[Pair], tokenizer, max_length: int, o
         longest = len(prompt) + max(len(c) for c in comps)
         if longest > max_length:
             room = max_length - max(len(c) for c in comps)
-            if overlength == "refuse" or room < 1:
-                raise DataError(f"{source}: example {ex.id or i} is {longest} tokens, more than the limit of "
-                                f"{max_length}; set task.overlength: truncate (drops the prompt's start) "
+            if room < 1:
+                raise DataError(f"{source}: example {ex.id or i}: its completion alone is {longest - len(prompt)} "
+                                f"tokens, more than the limit of {max_length}; cut it (task.max_completion_tokens) "
                                 f"or raise model.max_length up to the model's context")
+            if overlength == "refuse":
+                too_long.append((ex.id or str(i), longest))
+                continue
             prompt = prompt[-room:]
             report.truncated += 1
         out.append(Tokenized(prompt, comps, ex.id or str(i)))
+    if too_long:
+        shown = ", ".join(f"{k} ({n} tokens)" for k, n in too_long[:3]) + (", ..." if len(too_long) > 3 else "")
+        raise DataError(f"{source}: {len(too_long)} of {len(examples)} examples are longer than the limit of "
+                        f"{max_length} tokens: {shown}; set task.overlength: truncate (drops the prompt's start) "
+                        f"or raise model.max_length up to the model's context")
     return out, report
 
 

@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import ModelError
 
@@ -205,7 +206,7 @@ def load_lm(name: str, device: str = "auto", precision: str = "auto", trust_remo
         tokenizer = load_tokenizer(tok_path, trust_remote_code)
     except ModelError:
         raise
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as e:
         hint = "no hub is reachable here; pass a local directory" if not Path(path).exists() else "is it a complete checkpoint?"
         raise ModelError(f"cannot load model {name!r} ({path}): {str(e).splitlines()[0]} ({hint})") from None
     if getattr(model.config, "pad_token_id", None) is None:

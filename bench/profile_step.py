@@ -1,0 +1,93 @@
+"""Where the time of a postlab training step goes, by operator class (torch.profiler), and how fast
+the matrix multiplications run compared with this machine's measured matmul peak.
+
+    .venv/bin/python bench/profile_step.py                          # SFT, paraphrase, batch 16
+    .venv/bin/python bench/profile_step.py --kind dpo --task sonnets --batch 8
+
+Profiles `--steps` training steps after one warm-up step, through the same `train_stage` a run uses.
+Writes bench/results/profile_<kind>_<task>.json (and a Chrome trace with --trace).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from common import case_data, postlab_stage
+from mfu import matmul_peak
+from postlab.models import load_lm
+
+CLASSES = [  # (class, regex over aten op names), first match wins
+    ("matmul", r"^aten::(mm|addmm|bmm|matmul|linear|baddbmm)$"),
+    ("attention", r"scaled_dot_product|flash|_efficient_attention"),
+    ("softmax/log-softmax/logsumexp", r"softmax|logsumexp"),
+    ("optimizer (AdamW)", r"_fused_adam|adam|_foreach"),
+    ("embedding/index/gather", r"embedding|index|gather|scatter|take"),
+    ("copies/layout", r"copy_|contiguous|clone|cat|to$|_to_copy|transpose|view|reshape|permute|expand|slice|select"),
+    ("elementwise/norm/activation", r"mul|add|sub|div|silu|sigmoid|pow|rsqrt|mean|neg|exp|sum|norm|where|fill|zero|cos|sin"),
+]
+
+
+def classify(name: str) -> str:
+    for cls, pat in CLASSES:
+        if re.search(pat, name):
+            return cls
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kind", default="sft", choices=["sft", "dpo"])
+    ap.add_argument("--task", default="paraphrase", choices=["paraphrase", "sonnets"])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--trace", action="store_true")
+    a = ap.parse_args()
+
+    peak = matmul_peak(torch.float32)
+    lm = load_lm("smollm2-135m", precision="fp32")
+    raw = case_data(a.task, a.kind, a.batch * (a.steps + 1), a.data)
+    objective = "nll" if a.kind == "sft" else "dpo"
+    # Warm-up step outside the profile (allocator, first-call costs), then the profiled steps.
+    postlab_stage(load_lm("smollm2-135m", precision="fp32"), objective, raw[:a.batch], a.batch, 1e-5, append_eos=True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
+        out = postlab_stage(lm, objective, raw, a.batch, 1e-5, append_eos=True)
+    events = prof.key_averages()
+    by_class: dict[str, float] = defaultdict(float)
+    matmul_flops = 0.0
+    for e in events:
+        if not e.key.startswith("aten::"):
+            continue
+        by_class[classify(e.key)] += e.self_cpu_time_total / 1e6
+        if classify(e.key) == "matmul":
+            matmul_flops += e.flops or 0.0
+    total = out["seconds"]
+    ops = sum(by_class.values())
+    rows = sorted(by_class.items(), key=lambda kv: -kv[1])
+    result = {"kind": a.kind, "task": a.task, "batch": a.batch, "steps": out["steps"], "wall_s": total,
+              "aten_self_s": ops, "by_class_s": dict(rows), "matmul_flops": matmul_flops,
+              "matmul_flops_per_s": matmul_flops / max(by_class["matmul"], 1e-9), "fp32_peak_flops_per_s": peak,
+              "top_ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count}
+                          for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]]}
+    path = Path(f"bench/results/profile_{a.kind}_{a.task}.json")
+    path.write_text(json.dumps(result, indent=2))
+    if a.trace:
+        prof.export_chrome_trace(str(path.with_suffix(".trace.json")))
+    print(f"{a.kind} on {a.task}, batch {a.batch}, {out['steps']} steps (+ reference pass for dpo): {total:.1f} s wall, "
+          f"{ops:.1f} s in aten ops (self time)")
+    for cls, s in rows:
+        print(f"  {cls:32s} {s:7.2f} s  {100 * s / ops:5.1f}%")
+    print(f"matmuls: {matmul_flops / 1e9:.0f} GFLOP at {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+          f"{100 * result['matmul_flops_per_s'] / peak:.0f}% of the measured fp32 peak ({peak / 1e9:.1f} GFLOP/s)")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
