@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import faults
 from .data import Tokenized
 from .logprobs import token_logps
 from .models import LM, cache_dir
@@ -80,6 +81,7 @@ def _save(path: Path, key: str, tensors: dict[str, list[list[torch.Tensor]]]) ->
     flat["lengths"] = torch.tensor([len(t) for v in first for t in v], dtype=torch.long)
     tmp = path.with_name(path.name + ".tmp")
     save_file(flat, str(tmp), metadata={"key": key, "items": str(len(first)), "per_item": str(len(first[0]))})
+    faults.point("cache-write")
     tmp.replace(path)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .errors import ModelError
 
 
@@ -30,6 +31,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        faults.point("file-write")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -55,6 +57,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
+        faults.point("dir-swap")  # killed here: `final.old` is picked up on resume
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -73,6 +76,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
     """Trainable weights, optimizer, scheduler and RNG state, plus `state` (progress counters)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -81,6 +86,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Non
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
                tmp / "trainer_state.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    faults.point("checkpoint-write")  # files written, not yet in place
     replace_dir(tmp, path)
 
 

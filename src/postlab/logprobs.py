@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import faults
 from .data import Example, ScoreBatch, score_batch, tokenize
 from .models import LM, decoder_and_head
 
@@ -100,6 +101,7 @@ def score_all(lm: LM, items: list, batch_size: int, desc: str | None = None, top
     try:
         for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
             idx = order[s:s + batch_size]
+            faults.point("score-batch")  # reference/teacher passes, evaluation
             batch = score_batch([items[i] for i in idx], pad).to(lm.device)
             yield (idx, *(score_topk(lm, batch, topk) if topk else score(lm, batch)))
     finally:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
+from . import faults
 from .cache import cached_evaluation, cached_token_logps
 from .checkpoint import atomic_write_json, atomic_write_text, read_json, trainable_state
 from .config import ModelConfig, RunConfig, StageConfig, dump_config
@@ -272,6 +273,7 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
     eval_settings = {"task": stage.task.evaluation_settings(), "batch_size": stage.eval_batch_size}
 
     def evaluate() -> dict[str, float]:
+        faults.point("eval")
         return cached_evaluation(lm, eval_settings, sdir / "eval",
                                  lambda out: task.evaluate(lm, out, stage.eval_batch_size))
 
@@ -297,6 +299,7 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
             "train_s": summary["wall_s"], "prepare_s": prepare_s, "wall_s": round(summary["wall_s"] + prepare_s, 2)}
     if dist.is_main():
         atomic_write_json(sdir / "done.json", done)
+    faults.point("stage-done")
     dist.barrier()
     return done
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from . import faults
 from .checkpoint import existing_dir, load_checkpoint, save_checkpoint
 from .config import StageConfig
 from .data import Tokenized, length_grouped_batches, score_batch
@@ -153,6 +154,7 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
         metrics.truncate_after(cfg.name, step)
         log.info("stage %s: resuming at step %d/%d (epoch %d)", cfg.name, step, total, epoch + 1)
     else:
+        metrics.truncate_after(cfg.name, -1)  # a run killed before its first checkpoint starts the stage over
         torch.manual_seed(seed)
 
     t_start = time.perf_counter() - wall0
@@ -203,6 +205,7 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
                                         f"good checkpoint is {ckpt if existing_dir(ckpt) else 'the stage start'}; "
                                         f"try a lower optim.lr or optim.grad_clip")
                 (loss * (share / n_micro)).backward()
+                faults.point("step")
                 loss_sum += loss.item() * share / n_micro
                 for k, v in m.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + float(v) * share / n_micro
