@@ -115,8 +115,17 @@ def corrupt_reference_cache(tmp: Path, model: Path, good: Path):
     return ["train", str(cfg)], None
 
 
+def bitflip_reference_cache(tmp: Path, model: Path, good: Path):
+    cache, cfg = _reference_cache(tmp, model, good)
+    raw = bytearray(cache.read_bytes())
+    raw[-3] ^= 0x40  # a flipped bit in the stored values: the file still parses
+    cache.write_bytes(bytes(raw))
+    return ["train", str(cfg)], None
+
+
 SETUPS = {f.__name__: f for f in (corrupt_model_weights, corrupt_resume_checkpoint, resume_changed_config,
-                                  rerun_without_resume, foreign_reference_cache, corrupt_reference_cache)}
+                                  rerun_without_resume, foreign_reference_cache, corrupt_reference_cache,
+                                  bitflip_reference_cache)}
 
 
 def test_corpus_is_large_and_ids_are_unique():

@@ -73,6 +73,14 @@ def cache_key(lm: LM, items: list[Tokenized], settings: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _save(path: Path, key: str, tensors: dict[str, list[list[torch.Tensor]]]) -> None:
     """Each named structure (per item, per completion: a tensor with completion tokens first) is
     stored flat, with the lengths to split it again."""
@@ -80,7 +88,8 @@ def _save(path: Path, key: str, tensors: dict[str, list[list[torch.Tensor]]]) ->
     flat = {name: torch.cat([t for v in values for t in v]).contiguous() for name, values in tensors.items()}
     flat["lengths"] = torch.tensor([len(t) for v in first for t in v], dtype=torch.long)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(flat, str(tmp), metadata={"key": key, "items": str(len(first)), "per_item": str(len(first[0]))})
+    save_file(flat, str(tmp), metadata={"key": key, "items": str(len(first)), "per_item": str(len(first[0])),
+                                        "sha256": _content_hash(flat)})
     faults.point("cache-write")
     tmp.replace(path)
 
@@ -99,6 +108,9 @@ def _load(path: Path, key: str, n_items: int, names: tuple[str, ...]) -> dict[st
         return None
     if any(int(lengths.sum()) != t.shape[0] for t in flat.values()):
         log.warning("%s: cache file is truncated; recomputing", path)
+        return None
+    if _content_hash({**flat, "lengths": lengths}) != meta.get("sha256"):
+        log.warning("%s: cache contents do not match their checksum; recomputing", path)
         return None
     out = {}
     for name, t in flat.items():

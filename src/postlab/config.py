@@ -146,6 +146,8 @@ class StageConfig(Strict):
     group_by_length: bool = True
     # Preference stages: the reference is the policy as the stage begins, or the run's base model.
     reference: Literal["stage-start", "base"] = "stage-start"
+    # Distillation objectives (kd, dadpo): the teacher model (name or path; same tokenizer as the student).
+    teacher: str | None = None
     save_model: bool = True  # write the stage's final model (HF format) to <stage>/model
     # ExPO: after training, the stage's weights become θ_start + λ(θ_end − θ_start) (λ > 1
     # extrapolates; evaluated and saved as the stage's model; the trained checkpoint stays as is).

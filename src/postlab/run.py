@@ -17,7 +17,7 @@ import torch
 
 from . import distributed as dist
 from . import faults
-from .cache import cached_evaluation, cached_token_logps
+from .cache import cached_evaluation, cached_token_logps, tokenizer_fingerprint
 from .checkpoint import atomic_write_json, atomic_write_text, read_json, trainable_state
 from .config import ModelConfig, RunConfig, StageConfig, dump_config
 from .data import tokenize
@@ -83,22 +83,34 @@ def stage_items(lm: LM, stage: StageConfig, model_cfg: ModelConfig | None = None
 
 
 def stage_data(lm: LM, cfg: RunConfig, stage: StageConfig):
-    """(task, objective spec, tokenized training items, cached constants): the reference's per-token
-    log-probs (`reference`) and, for objectives over whole distributions, its top-k (`topk`). The
-    reference is the policy as the stage begins, or the run's base model (`reference: base`)."""
+    """(task, objective spec, tokenized training items, cached constants): per-token log-probs of the
+    reference (`reference`) and teacher (`teacher`) where the objective needs them, and for objectives
+    over whole distributions the top-k of that model (`topk`). The reference is the policy as the
+    stage begins, or the run's base model (`reference: base`); the teacher is `stage.teacher`. Each is
+    loaded, scored once (cached on disk) and dropped: no second model stays in memory for training."""
     task, spec, items = stage_items(lm, stage, cfg.model)
+    m = cfg.model
     cached: dict = {}
-    if spec.needs_reference or spec.topk_of == "reference":
-        k = parse_args(spec, stage.objective.args).topk if spec.topk_of == "reference" else 0
-        ref = lm
-        if stage.reference == "base":
-            m = cfg.model
-            ref = load_lm(m.name, m.device, m.precision, m.trust_remote_code, m.max_length)
-        got = cached_token_logps(ref, items, "reference", stage.eval_batch_size, topk=k)
-        cached["reference"], *topk = got if k else (got,)
+    for role, needed in (("reference", spec.needs_reference), ("teacher", spec.needs_teacher)):
+        if not (needed or spec.topk_of == role):
+            continue
+        k = parse_args(spec, stage.objective.args).topk if spec.topk_of == role else 0
+        if role == "teacher":
+            if stage.teacher is None:
+                raise ConfigError(f"stage {stage.name}: objective {spec.name} needs a teacher; set teacher: MODEL")
+            source = load_lm(stage.teacher, m.device, m.precision, m.trust_remote_code, m.max_length)
+            if tokenizer_fingerprint(source.tokenizer) != tokenizer_fingerprint(lm.tokenizer):
+                raise ConfigError(f"stage {stage.name}: teacher {stage.teacher} has another tokenizer than the "
+                                  f"student; token-level distillation needs the same vocabulary")
+        elif stage.reference == "base":
+            source = load_lm(m.name, m.device, m.precision, m.trust_remote_code, m.max_length)
+        else:
+            source = lm
+        got = cached_token_logps(source, items, role, stage.eval_batch_size, topk=k)
+        cached[role], *topk = got if k else (got,)
         if k:
             cached["topk"] = tuple(topk)
-        del ref
+        del source
     return task, spec, items, cached
 
 

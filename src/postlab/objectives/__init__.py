@@ -116,3 +116,4 @@ def parse_args(spec: ObjectiveSpec, raw: dict) -> ObjectiveArgs:
 # Importing the modules registers their objectives.
 from . import sft  # noqa: E402,F401
 from . import preference  # noqa: E402,F401
+from . import distill  # noqa: E402,F401
