@@ -151,3 +151,23 @@ def test_teacher_objective_without_teacher_is_refused(tiny_llama, tmp_path):
     data = write_pairs(tmp_path / "p.tsv", 8)
     with pytest.raises(ConfigError, match="needs a teacher; set teacher: MODEL"):
         run(parse_run_config(run_config(tiny_llama, tmp_path / "run", data, objective={"name": "kd"})))
+
+
+def test_distill_sample_writes_dsft_and_pairs_and_caches(tiny_llama, teacher_model, tmp_path, own_cache, capsys):
+    from postlab.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n\n".join(f"Tell me about number {i}:" for i in range(5)))
+    argv = ["distill", "sample", "--teacher", str(teacher_model), "--student", str(tiny_llama), "--prompt-file",
+            str(prompts), "--max-new-tokens", "6", "--seed", "3", "--out", str(tmp_path / "d")]
+    assert main(argv) == 0
+    dsft = [json.loads(l) for l in (tmp_path / "d" / "dsft.jsonl").read_text().splitlines()]
+    pairs = [json.loads(l) for l in (tmp_path / "d" / "pairs.jsonl").read_text().splitlines()]
+    assert len(dsft) == 5 and {r["prompt"] for r in dsft} == {f"Tell me about number {i}:" for i in range(5)}
+    assert pairs and all(p["chosen"] == next(d["completion"] for d in dsft if d["id"] == p["id"]) for p in pairs)
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    assert len(list((own_cache / "samples").glob("distill-teacher-*.json"))) == 1
+    first = (tmp_path / "d" / "pairs.jsonl").read_text()
+    assert main(argv[:-1] + [str(tmp_path / "again")]) == 0  # from the cache: the same responses
+    assert len(list((own_cache / "samples").glob("distill-*.json"))) == 2
+    assert (tmp_path / "again" / "pairs.jsonl").read_text() == first

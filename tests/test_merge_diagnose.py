@@ -138,3 +138,36 @@ def test_expo_lambda_stage_option_extrapolates_the_stage_update(tiny_llama, tmp_
             assert torch.allclose(got[k], end[k] * (2.5 if "lora_B" in k else 1.0), atol=1e-6), k
     rows = [json.loads(l) for l in (tmp_path / "run-2.5" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["expo_lambda"] == 2.5 and "accuracy" in rows[-1]
+
+
+@pytest.mark.parametrize("method", ["uniform", "block-influence"])
+def test_prune_drops_layers_and_loads_in_transformers(tiny_llama, tmp_path, capsys, method):
+    from conftest import build_tiny_model
+    from postlab.models import load_lm
+    from postlab.prune import block_influence
+
+    deep = build_tiny_model(tmp_path / "deep", "llama", tiny_llama, seed=3)
+    cfg = json.loads((deep / "config.json").read_text())
+    cfg["num_hidden_layers"] = 5
+    (deep / "config.json").write_text(json.dumps(cfg))
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM.from_pretrained(deep).save_pretrained(deep)  # 5 layers (2 trained + 3 fresh)
+    prompts = tmp_path / "calib.txt"
+    prompts.write_text("How do I learn physics?\n\nWhat is the best way to cook rice?\n\nShall I compare thee")
+    assert main(["prune", str(deep), "--drop", "0.4", "--method", method, "--prompt-file", str(prompts),
+                 "--out", str(tmp_path / "pruned")]) == 0
+    assert "5 -> 3 layers" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")  # plain transformers
+    assert model.config.num_hidden_layers == 3 and len(model.model.layers) == 3
+    assert [l.self_attn.layer_idx for l in model.model.layers] == [0, 1, 2]
+    report = json.loads((tmp_path / "pruned" / "prune.json").read_text())
+    assert report["params_after"] == sum(p.numel() for p in model.parameters()) < report["params_before"]
+    if method == "uniform":
+        assert report["dropped"] == [1, 3]
+    else:  # the two layers with the lowest block influence are the ones removed
+        bi = block_influence(load_lm(str(deep)), prompts.read_text().split("\n\n"))
+        assert report["dropped"] == sorted(sorted(range(5), key=lambda i: bi[i])[:2])
+        assert report["block_influence"] == pytest.approx(bi)
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)  # cache indices consistent
+    assert out.shape == (1, 6)

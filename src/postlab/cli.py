@@ -114,6 +114,56 @@ def cmd_diagnose(a: argparse.Namespace) -> int:
     return 0
 
 
+def calibration_texts(task: str | None, prompt_file: str | None, limit: int) -> list[str]:
+    """Texts for calibration or sampling: a task's training examples (prompt + completion) or a file
+    of prompts separated by blank lines."""
+    if prompt_file:
+        return [t for t in Path(prompt_file).read_text(encoding="utf-8").split("\n\n") if t.strip()][:limit]
+    if task:
+        from .config import TaskConfig
+        from .tasks import get_task
+
+        return [e.prompt + e.completion for e in get_task(TaskConfig(name=task, train_limit=limit)).train_examples()]
+    return []
+
+
+def cmd_prune(a: argparse.Namespace) -> int:
+    from . import prune
+    from .models import load_lm
+
+    lm = load_lm(a.checkpoint, a.device, "fp32")
+    report = prune.prune(lm, a.drop, a.method, calibration_texts(a.task, a.prompt_file, a.samples))
+    prune.write(lm, Path(a.out), report)
+    print(f"wrote {a.out}: {report['layers_before']} -> {report['layers_after']} layers (dropped {report['dropped']}), "
+          f"{report['params_before']:,} -> {report['params_after']:,} parameters")
+    return 0
+
+
+def cmd_distill(a: argparse.Namespace) -> int:
+    from .config import GenerationConfig, TaskConfig
+    from .distill import sample_teacher_and_student
+    from .models import load_lm
+
+    if bool(a.task) == bool(a.prompt_file):
+        raise PostlabError("distill sample: give --task NAME (its training prompts) or --prompt-file FILE")
+    if a.task:
+        from .tasks import get_task
+
+        examples = get_task(TaskConfig(name=a.task, train_limit=a.limit)).train_examples()
+        prompts, ids = [e.prompt for e in examples], [e.id or str(i) for i, e in enumerate(examples)]
+    else:
+        prompts = calibration_texts(None, a.prompt_file, a.limit or 10**9)
+        ids = [f"{Path(a.prompt_file).name}:{i}" for i in range(len(prompts))]
+    gen = GenerationConfig(greedy=a.greedy, temperature=a.temperature, top_p=a.top_p,
+                           max_new_tokens=a.max_new_tokens, seed=a.seed)
+    teacher = load_lm(a.teacher, a.device, a.precision)
+    student = load_lm(a.student, a.device, a.precision)
+    s = sample_teacher_and_student(teacher, student, prompts, ids, gen, Path(a.out), clean_for=a.task)
+    print(f"wrote {a.out}/dsft.jsonl ({s['dsft_examples']} examples) and pairs.jsonl ({s['pairs']} pairs; "
+          f"{s['skipped_same_or_empty_student']} skipped: student answer equal or empty)")
+    return 0
+
+
 def cmd_merge(a: argparse.Namespace) -> int:
     from . import merge
 
@@ -227,6 +277,35 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--batch-size", type=int, default=16)
     dg.add_argument("--out", help="output directory (default CHECKPOINT/diagnose)")
     dg.set_defaults(fn=cmd_diagnose)
+
+    pr = sub.add_parser("prune", help="remove whole decoder layers (uniform or ShortGPT block influence) -> an HF checkpoint")
+    pr.add_argument("checkpoint")
+    pr.add_argument("--drop", type=float, default=0.2, help="fraction of decoder layers to remove")
+    pr.add_argument("--method", default="block-influence", choices=["uniform", "block-influence"])
+    pr.add_argument("--task", help="calibration texts: this task's training examples (block-influence)")
+    pr.add_argument("--prompt-file", help="or calibration texts separated by blank lines")
+    pr.add_argument("--samples", type=int, default=64, help="calibration texts used")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--out", required=True)
+    pr.set_defaults(fn=cmd_prune)
+
+    ds = sub.add_parser("distill", help="teacher->student distillation data")
+    dss = ds.add_subparsers(dest="distill_command", required=True)
+    q = dss.add_parser("sample", help="teacher and student responses -> dsft.jsonl and pairs.jsonl (cached, seeded)")
+    q.add_argument("--teacher", required=True)
+    q.add_argument("--student", required=True)
+    q.add_argument("--task", help="prompts: this task's training prompts")
+    q.add_argument("--prompt-file", help="or prompts separated by blank lines")
+    q.add_argument("--limit", type=int, help="only the first N prompts")
+    q.add_argument("--max-new-tokens", type=int, default=128)
+    q.add_argument("--temperature", type=float, default=1.0)
+    q.add_argument("--top-p", type=float, default=0.9)
+    q.add_argument("--greedy", action="store_true")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="auto")
+    q.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    q.add_argument("--out", required=True, help="directory for dsft.jsonl, pairs.jsonl, samples.json")
+    ds.set_defaults(fn=cmd_distill)
 
     mg = sub.add_parser("merge", help="weight-space tools: model soups and ExPO extrapolation -> an HF checkpoint")
     ms = mg.add_subparsers(dest="merge_command", required=True)
