@@ -173,3 +173,23 @@ def test_fuzz_configs_and_data_train_or_fail_clearly(data, stage, tiny_llama, tm
         assert err.startswith("error: ") and "Traceback" not in err
     else:
         assert (tmp / "run" / "result.json").is_file()
+
+
+def test_resume_accepts_a_config_saved_before_a_field_was_added(tiny_llama, tmp_path):
+    """A run saved by an older postlab (its config.yaml lacks a field added since, at its default)
+    resumes; a real change of a value is still refused."""
+    data = write_pairs(tmp_path / "pairs.tsv", 8)
+    cfg = parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=1))
+    run(cfg)
+    saved = tmp_path / "run" / "config.yaml"
+    tree = yaml.safe_load(saved.read_text())
+    del tree["stages"][0]["teacher"]  # as written before `teacher` existed
+    saved.write_text(yaml.safe_dump(tree))
+    (tmp_path / "run" / "result.json").unlink()
+    assert run(cfg, resume=True)["stages"][0]["name"] == "sft"
+    changed = parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=2))
+    (tmp_path / "run" / "result.json").unlink()
+    from postlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="differs from the config given"):
+        run(changed, resume=True)

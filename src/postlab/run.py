@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import distributed as dist
 from . import faults
 from .cache import cached_evaluation, cached_token_logps, tokenizer_fingerprint
 from .checkpoint import atomic_write_json, atomic_write_text, read_json, trainable_state
-from .config import ModelConfig, RunConfig, StageConfig, dump_config
+from .config import ModelConfig, RunConfig, StageConfig, dump_config, parse_run_config
 from .data import tokenize
 from .errors import ConfigError, PostlabError
 from .merge import extrapolate_in_place
@@ -120,7 +121,12 @@ def check_resume(out: Path, cfg: RunConfig, resume: bool) -> None:
         return
     if not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another output_dir")
-    if saved.read_text() != dump_config(cfg):
+    # Compared as parsed configs, so a postlab version that added a field (with its default) still resumes.
+    try:
+        same = parse_run_config(yaml.safe_load(saved.read_text())).model_dump() == cfg.model_dump()
+    except (ConfigError, yaml.YAMLError):
+        same = False
+    if not same:
         raise ConfigError(f"{out}/config.yaml differs from the config given; a run resumes only with the same "
                           f"config (choose another output_dir to change it)")
 
