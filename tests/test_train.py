@@ -182,3 +182,14 @@ def test_a_stage_trains_on_answers_cut_to_max_completion_tokens(tiny_llama, tmp_
     stage = StageConfig(task={"name": "file", "train": str(data), "max_completion_tokens": 5})
     _, _, items = stage_items(lm, stage)
     assert [len(c) for c in items[0].completions] == [5]
+
+
+def test_max_steps_zero_evaluates_the_starting_model_only(tiny_llama, tmp_path):
+    data = write_pairs(tmp_path / "pairs.tsv")
+    result = run(parse_run_config(run_config(tiny_llama, tmp_path / "run", data, max_steps=0, eval_at_start=False)))
+    stage = result["stages"][0]
+    assert stage["steps"] == 0 and 0 <= stage["metrics"]["accuracy"] <= 1
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in rows] == ["dev"] and rows[0]["step"] == 0
+    assert torch.equal(load_file(str(tmp_path / "run" / "0-sft" / "model" / "model.safetensors"))["model.norm.weight"],
+                       load_file(str(tiny_llama / "model.safetensors"))["model.norm.weight"])

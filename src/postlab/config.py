@@ -137,7 +137,9 @@ class StageConfig(Strict):
     parameterization: ParameterizationConfig = ParameterizationConfig()
     optim: OptimConfig = OptimConfig()
     epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # overrides epochs when set
+    # Overrides epochs when set; 0 trains nothing and only evaluates the stage's starting model (a
+    # study's row for a model as it is: a base model, a teacher, a pruned student).
+    max_steps: int | None = Field(None, ge=0)
     eval_every_steps: int | None = Field(None, gt=0)  # besides every epoch
     eval_at_start: bool = True  # measure the stage's starting point too
     save_every_steps: int | None = Field(None, gt=0)  # besides every epoch

@@ -268,7 +268,7 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
             batch = s.optim.batch_size * s.optim.grad_accum
             steps_per_epoch = math.ceil(n / batch) if n else 0
             steps = steps_per_epoch * s.epochs
-            if s.max_steps:
+            if s.max_steps is not None:
                 steps = min(steps, s.max_steps)
             epochs = steps / steps_per_epoch if steps_per_epoch else 0.0
             train_tokens = n * per_example * epochs

@@ -108,7 +108,7 @@ class Schedule:
     @property
     def total_steps(self) -> int:
         per_epoch = len(self.groups(0))
-        return min(per_epoch * self.epochs, self.max_steps or 10**12)
+        return min(per_epoch * self.epochs, 10**12 if self.max_steps is None else self.max_steps)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: StageConfig, total_steps: int):
@@ -174,7 +174,7 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
                            "eval_s": round(time.perf_counter() - t, 2), **last_eval})
         dist.barrier()
 
-    if step == 0 and cfg.eval_at_start:
+    if step == 0 and (cfg.eval_at_start or total == 0):  # max_steps: 0 evaluates only
         run_eval(0.0)
     model.train()
     pad = lm.tokenizer.pad_token_id
