@@ -193,3 +193,28 @@ def test_resume_accepts_a_config_saved_before_a_field_was_added(tiny_llama, tmp_
 
     with pytest.raises(ConfigError, match="differs from the config given"):
         run(changed, resume=True)
+
+
+def test_a_failed_checkpoint_write_says_so_and_keeps_the_previous_one(tiny_llama, tmp_path, monkeypatch):
+    """A full disk mid-save (simulated: torch.save raises as it does with ENOSPC) gives a clear error,
+    leaves no temporary directory, and the previous checkpoint still resumes."""
+    import postlab.checkpoint as ck
+
+    data = write_pairs(tmp_path / "pairs.tsv", 24)
+    cfg = parse_run_config(run_config(tiny_llama, tmp_path / "run", data, save_every_steps=2, eval_at_start=False))
+    real, calls = ck.torch.save, {"n": 0}
+
+    def failing_save(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 113315072 vs 113314960")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", failing_save)
+    with pytest.raises(TrainingError, match=r"could not write the checkpoint .*GiB free .*rerun with --resume"):
+        run(cfg)
+    stage = tmp_path / "run" / "0-sft"
+    assert json.loads((stage / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert not list(stage.glob(".checkpoint.tmp-*"))
+    monkeypatch.setattr(ck.torch, "save", real)
+    assert run(cfg, resume=True)["stages"][0]["steps"] == 12

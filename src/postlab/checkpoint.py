@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import faults
-from .errors import ModelError
+from .errors import ModelError, TrainingError
 
 
 _UMASK = os.umask(0)
@@ -79,13 +79,20 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Non
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while writing
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-               tmp / "trainer_state.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+                   tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as either, with cryptic messages
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(path.parent).free / 2**30
+        raise TrainingError(f"{path}: could not write the checkpoint ({str(e).splitlines()[0][:200]}); "
+                            f"{free:.1f} GiB free on that disk. The previous checkpoint (if any) is kept; free "
+                            f"space and rerun with --resume") from None
     faults.point("checkpoint-write")  # files written, not yet in place
     replace_dir(tmp, path)
 
