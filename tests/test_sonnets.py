@@ -25,13 +25,29 @@ def files(data_dir):
     return d / "sonnets.txt", d / "sonnets_held_out_dev.txt", d / "TRUE_sonnets_held_out_dev.txt"
 
 
+def raw_lines_after(path, number: int) -> list[str]:
+    """The file's non-blank lines between the line holding only `number` and the next number line,
+    read straight from the file (no text of the data is copied into this test)."""
+    raw = path.read_bytes().decode("utf-8").split("\n")
+    start = next(i for i, l in enumerate(raw) if l.strip() == str(number))
+    out = []
+    for l in raw[start + 1:]:
+        if l.strip().isdigit():
+            break
+        if l.strip():
+            out.append(l)
+    return out
+
+
 def test_parser_on_real_files(files):
     train, dev, ref = files
     sonnets = parse_sonnets(train)
     assert [n for n, _ in sonnets] == list(range(1, 132))
     lines = dict(sonnets)
-    assert lines[1][0] == "From fairest creatures we desire increase,"
-    assert lines[1][-1] == "  To eat the world's due, by the grave and thee."  # couplet indent kept, CR dropped
+    raw1 = raw_lines_after(train, 1)
+    assert lines[1] == [l.rstrip() for l in raw1]
+    assert raw1[-1].startswith("  ") and lines[1][-1].startswith("  ")  # couplet indent kept
+    assert all("\r" not in l for l in lines[1]) and any(l.endswith("\r") for l in raw1)  # CR dropped
     assert sum(len(v) == 14 for v in lines.values()) == 129  # 99 has 15 lines, 126 has 12
     assert len(lines[99]) == 15 and len(lines[126]) == 12
     prompts = parse_sonnets(dev, min_lines=3)
@@ -50,16 +66,16 @@ def test_examples_and_defaults(data_dir, monkeypatch):
     train = task.train_examples()
     assert len(train) == 131 and train[0].id == "1"
     ex = train[0]
-    assert ex.prompt == ("From fairest creatures we desire increase,\nThat thereby beauty's rose might never die,\n"
-                         "But, as the riper should by time decease,\n")
-    assert ex.completion.startswith("His tender heir might bear his memory.\nBut thou,")
-    assert ex.completion.endswith("  To eat the world's due, by the grave and thee.")
+    raw1 = [l.rstrip() for l in raw_lines_after(data_dir / "sonnets" / "sonnets.txt", 1)]
+    assert ex.prompt == "\n".join(raw1[:3]) + "\n"
+    assert ex.completion == "\n".join(raw1[3:])
     assert len(ex.completion.split("\n")) == 11 and "\r" not in ex.completion
     assert len(get_task(TaskConfig(name="sonnets", train_limit=5)).train_examples()) == 5
     dev = task.dev_examples()
     assert [e.id for e in dev] == [str(n) for n in range(132, 144)]
-    assert dev[0].prompt.startswith("Thine eyes I love") and dev[0].prompt.count("\n") == 3
-    assert dev[0].completion.startswith("Looking with pretty ruth upon my pain.")
+    ref132 = [l.rstrip() for l in raw_lines_after(data_dir / "sonnets" / "TRUE_sonnets_held_out_dev.txt", 132)]
+    assert dev[0].prompt == "\n".join(ref132[:3]) + "\n" and dev[0].prompt.count("\n") == 3
+    assert dev[0].completion.startswith(ref132[3] + "\n")
     assert len(dev[0].completion.split("\n")) == 11
     assert len(get_task(TaskConfig(name="sonnets", dev_limit=2)).dev_examples()) == 2
     with pytest.raises(ConfigError):  # rejected answers must be sampled from a model
