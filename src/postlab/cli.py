@@ -44,12 +44,12 @@ def summary(result: dict, out: str) -> str:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .config import TaskConfig
     from .models import load_lm
-    from .tasks import get_task
+    from .tasks import evaluate_task, get_task
 
     lm = load_lm(a.checkpoint, a.device, a.precision, max_length=a.max_length)
     fields = {"name": a.task, "dev": a.dev, "dev_reference": a.dev_reference, "dev_limit": a.dev_limit}
     task = get_task(TaskConfig(**{k: v for k, v in fields.items() if v is not None}))
-    metrics = task.evaluate(lm, Path(a.out) if a.out else None, a.batch_size)
+    metrics = evaluate_task(task, lm, Path(a.out) if a.out else None, a.batch_size)
     if a.reference:
         from .evaluate import implicit_rewards
 
@@ -149,7 +149,9 @@ def cmd_distill(a: argparse.Namespace) -> int:
     if a.task:
         from .tasks import get_task
 
-        examples = get_task(TaskConfig(name=a.task, train_limit=a.limit)).train_examples()
+        task = get_task(TaskConfig(name=a.task, train_limit=a.limit, dev_limit=a.limit))
+        # dev prompts: held-out teacher responses, e.g. for task.score_records (teacher_logp)
+        examples = task.train_examples() if a.split == "train" else task.dev_examples()
         prompts, ids = [e.prompt for e in examples], [e.id or str(i) for i, e in enumerate(examples)]
     else:
         prompts = calibration_texts(None, a.prompt_file, a.limit or 10**9)
@@ -294,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = dss.add_parser("sample", help="teacher and student responses -> dsft.jsonl and pairs.jsonl (cached, seeded)")
     q.add_argument("--teacher", required=True)
     q.add_argument("--student", required=True)
-    q.add_argument("--task", help="prompts: this task's training prompts")
+    q.add_argument("--task", help="prompts: this task's training prompts (or dev prompts with --split dev)")
+    q.add_argument("--split", default="train", choices=["train", "dev"], help="with --task: which prompts")
     q.add_argument("--prompt-file", help="or prompts separated by blank lines")
     q.add_argument("--limit", type=int, help="only the first N prompts")
     q.add_argument("--max-new-tokens", type=int, default=128)

@@ -93,11 +93,19 @@ class TaskConfig(Strict):
     max_completion_tokens: int | None = Field(None, gt=0)
     generation: GenerationConfig = GenerationConfig()
     pairs: PairsConfig = PairsConfig()  # preference pairs for tasks that sample rejected answers
+    # Train on these records instead of the task's own training data (prompt/completion for SFT-kind
+    # objectives, prompt/chosen/rejected for preference ones; any format task `file` reads), while
+    # the task's dev data and metrics still evaluate: e.g. a teacher's responses (`postlab distill sample`).
+    train_records: str | None = None
+    # Extra evaluation: name -> a prompt/completion file; metric `<name>_logp` = the mean per-token
+    # log-likelihood of its completions (e.g. held-out teacher responses: `teacher_logp`).
+    score_records: dict[str, str] = {}
 
     def evaluation_settings(self) -> dict:
         """The fields that decide what evaluation measures (dev data, metrics, generation), without
         the training-only ones: two stages that agree here evaluate the same weights identically."""
-        return self.model_dump(mode="json", exclude={"train", "train_limit", "pairs", "max_completion_tokens"})
+        return self.model_dump(mode="json", exclude={"train", "train_limit", "pairs", "max_completion_tokens",
+                                                     "train_records"})
 
 
 class OptimConfig(Strict):

@@ -196,7 +196,7 @@ def measure_throughput(m: ModelConfig, seq_len: int = 128, batch_size: int = 8, 
 def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEstimate], dict]:
     """Per-run estimates and notes on how they were made (see the module doc)."""
     from .objectives import get_objective
-    from .tasks import get_task
+    from .tasks import get_task, training_task
 
     tokens = _Tokens()
     data: dict[tuple, tuple[DataStats, DataStats] | None] = {}
@@ -207,7 +207,7 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
         if key not in data:
             try:
                 task = get_task(stage.task)
-                train = tokens.stats(task.train_examples(), model, task.append_eos)
+                train = tokens.stats(training_task(stage.task).train_examples(), model, task.append_eos)
                 try:
                     dev = tokens.stats(task.dev_examples(), model, task.append_eos)
                 except PostlabError:
@@ -259,7 +259,7 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
             if spec.kind == "preference":
                 from .preferences import draws, needs_sampler
 
-                if needs_sampler(task):
+                if needs_sampler(training_task(s.task)):
                     n = train.n * s.task.pairs.k
                     gen_steps += (math.ceil(train.n / s.task.pairs.generation.batch_size) * draws(s.task.pairs)
                                   * s.task.pairs.generation.max_new_tokens)

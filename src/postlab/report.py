@@ -222,6 +222,50 @@ def load_runs(study_dir: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
+def _per_example_scores(run_dir: Path) -> dict[str, float] | None:
+    """id -> task score per dev example, from the last stage's evaluation (``per_example.jsonl``)."""
+    files = [p for p in run_dir.glob("*/eval/per_example.jsonl") if p.parts[-3].split("-")[0].isdigit()]
+    if not files:
+        return None
+    last = max(files, key=lambda p: int(p.parts[-3].split("-")[0]))
+    return {str(r["id"]): float(r["score"]) for r in _read_jsonl(last) if "id" in r and "score" in r}
+
+
+def win_rate(scores: dict[str, float], versus: dict[str, float]) -> float:
+    """Share of the examples both have on which ``scores`` beats ``versus`` (ties count half)."""
+    common = [i for i in scores if i in versus]
+    if not common:
+        return math.nan
+    return sum(1.0 if scores[i] > versus[i] else 0.5 if scores[i] == versus[i] else 0.0 for i in common) / len(common)
+
+
+def add_win_rates(df: pd.DataFrame, study_dir: Path, versus: dict[str, Any]) -> pd.DataFrame:
+    """Column ``win_rate_vs_<values>``: for each run, example by example on the dev set, how often its
+    task score (paraphrase: correct or not; sonnets: chrF of the continuation) beats that of the run
+    with the axis values ``versus`` and every other axis equal (same task, same seed): e.g. a
+    distilled student against its teacher. 0.5 = as good as the reference row."""
+    axes = df.attrs.get("axes", [])
+    if df.empty or not all(a in axes for a in versus):
+        return df
+    col = "win_rate_vs_" + "_".join(str(v) for v in versus.values())
+    scores = {rid: _per_example_scores(study_dir / "runs" / rid) for rid in df["run_id"]}
+    others = [a for a in axes if a not in versus]
+    values = []
+    for _, row in df.iterrows():
+        match = df
+        for a, v in versus.items():
+            match = match[match[a].astype(str) == str(v)]
+        for a in others:
+            match = match[match[a].astype(str) == str(row[a])]
+        mine = scores.get(row["run_id"])
+        ref = scores.get(match["run_id"].iloc[0]) if len(match) else None
+        values.append(win_rate(mine, ref) if mine and ref else math.nan)
+    out = df.copy()
+    out[col] = values
+    out.attrs = {**df.attrs, "metrics": df.attrs.get("metrics", []) + [col]}
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Tables and comparisons
 # --------------------------------------------------------------------------------------------
@@ -250,7 +294,9 @@ def _primary(task: Any, df: pd.DataFrame) -> list[str]:
     """Primary metrics of ``task`` that have data in ``df``; all its metrics for other tasks."""
     metrics = _metrics_with_data(df, df.attrs.get("metrics", []))
     wanted = [m for m in PRIMARY_METRICS.get(task, ()) if m in metrics]
-    return wanted or metrics
+    if not wanted:
+        return metrics
+    return wanted + [m for m in metrics if m.startswith("win_rate_vs_")]  # asked for by the study (add_win_rates)
 
 
 def _tasks(df: pd.DataFrame) -> list:
@@ -677,16 +723,20 @@ def _value_counts(col: pd.Series) -> str:
     return "; ".join(f"{v} ({n})" for v, n in counts.items())
 
 
-def _study_name(study_dir: Path) -> str:
+def _study_file(study_dir: Path) -> dict:
+    """The study's copy of its study file, or {} if there is none or it does not parse."""
     path = study_dir / "study.yaml"
     try:
         import yaml
         cfg = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
     except Exception:
         cfg = None
-    if isinstance(cfg, dict) and cfg.get("name"):
-        return str(cfg["name"])
-    return study_dir.resolve().name
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _study_name(study_dir: Path) -> str:
+    name = _study_file(study_dir).get("name")
+    return str(name) if name else study_dir.resolve().name
 
 
 # --------------------------------------------------------------------------------------------
@@ -718,6 +768,9 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     out = Path(out_dir) if out_dir is not None else study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     df = load_runs(study_dir)
+    versus = _study_file(study_dir).get("win_rate_vs")
+    if isinstance(versus, dict) and versus:
+        df = add_win_rates(df, study_dir, versus)
     incomplete = df.attrs["incomplete"]
     _atomic_write(out / "runs.csv", df.to_csv(index=False))
 
@@ -726,7 +779,9 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
              f"Axes: {', '.join(df.attrs['axes']) or 'none'}. "
              "Primary metrics: " + "; ".join(f"{t} → {', '.join(m)}"
                                             for t, m in PRIMARY_METRICS.items())
-             + "; other tasks: all numeric metrics. All runs: [runs.csv](runs.csv).", ""]
+             + "; other tasks: all numeric metrics"
+             + "".join(f"; {m} (every task)" for m in df.attrs["metrics"] if m.startswith("win_rate_vs_"))
+             + ". All runs: [runs.csv](runs.csv).", ""]
     if df.empty:
         lines += ["No completed runs yet.", ""]
         comp = pd.DataFrame()

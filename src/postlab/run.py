@@ -28,7 +28,7 @@ from .models import LM, cache_dir, load_lm
 from .objectives import get_objective, parse_args
 from .parameterization import apply_parameterization, count_parameters, describe, is_peft
 from .preferences import build_pairs, needs_sampler
-from .tasks import get_task
+from .tasks import evaluate_task, get_task, records_fingerprint, training_task
 from .train import MetricsLog, train_stage
 
 log = logging.getLogger("postlab")
@@ -58,9 +58,10 @@ def stage_items(lm: LM, stage: StageConfig, model_cfg: ModelConfig | None = None
     the run's base model `model_cfg.name` (base), or a checkpoint path)."""
     task = get_task(stage.task)
     spec = get_objective(stage.objective.name)
+    source = training_task(stage.task)  # the task, or its train_records file
     if spec.kind == "preference":
         pcfg, sampler = stage.task.pairs, None
-        if needs_sampler(task):
+        if needs_sampler(source):
             src = pcfg.rejected_from
             if src == "stage-start":
                 sampler = lm
@@ -71,9 +72,9 @@ def stage_items(lm: LM, stage: StageConfig, model_cfg: ModelConfig | None = None
                 name = m.name if src == "base" else src
                 log.info("stage %s: sampling rejected answers from %s", stage.name, name)
                 sampler = load_lm(name, m.device, m.precision, m.trust_remote_code, m.max_length)
-        raw = build_pairs(task, pcfg, sampler, cache_dir() / "samples")
+        raw = build_pairs(source, pcfg, sampler, cache_dir() / "samples")
     else:
-        raw = task.train_examples()
+        raw = source.train_examples()
     items, report = tokenize(raw, lm.tokenizer, lm.max_length, stage.task.overlength,
                              append_eos=task.append_eos, source=f"stage {stage.name} ({stage.task.name} train)",
                              max_completion_tokens=stage.task.max_completion_tokens)
@@ -288,12 +289,13 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
     args = parse_args(spec, stage.objective.args)
     sdir.mkdir(parents=True, exist_ok=True)
 
-    eval_settings = {"task": stage.task.evaluation_settings(), "batch_size": stage.eval_batch_size}
+    eval_settings = {"task": stage.task.evaluation_settings(), "batch_size": stage.eval_batch_size,
+                     **({"records": records_fingerprint(stage.task)} if stage.task.score_records else {})}
 
     def evaluate() -> dict[str, float]:
         faults.point("eval")
         return cached_evaluation(lm, eval_settings, sdir / "eval",
-                                 lambda out: task.evaluate(lm, out, stage.eval_batch_size))
+                                 lambda out: evaluate_task(task, lm, out, stage.eval_batch_size))
 
     prepare_s = round(time.perf_counter() - t_prepare, 2)  # data, sampled pairs, reference pass
     start = None

@@ -18,6 +18,7 @@ A study file (``studies/*.yaml``)::
         "sft->dpo": {stages: [{name: sft}, {name: dpo, objective: {name: dpo, beta: 0.1}}]}
       optim.lr: [1.0e-5, 2.0e-5]     # a *scalar* axis: the axis name is a dotted config key
       seed: [0, 1, 2]
+    win_rate_vs: {method: teacher}   # optional; the report adds win_rate_vs_teacher (see postlab.report)
     exclude:                         # partial assignments: drop every run that matches one
       - {task: sonnets, optim.lr: 1.0e-5}
     include:                         # partial assignments: add back every run that matches one
@@ -88,7 +89,7 @@ from .estimate import RunEstimate, human_n, human_s
 
 log = logging.getLogger("postlab")
 
-STUDY_KEYS = ("name", "description", "output_dir", "base", "axes", "exclude", "include", "overrides")
+STUDY_KEYS = ("name", "description", "output_dir", "base", "axes", "exclude", "include", "overrides", "win_rate_vs")
 RUN_FIELDS = set(RunConfig.model_fields)
 STAGE_FIELDS = set(StageConfig.model_fields)
 BY_STAGE = "by_stage"
@@ -208,6 +209,11 @@ def load_study(path: str | Path) -> Study:
     exclude, include = ([_assignment(e, axes, f"{where}: {key}[{i}]", new_ok=key == "include")
                          for i, e in enumerate(_as_list(tree.get(key), f"{where}: {key}"))]
                         for key in ("exclude", "include"))
+    if "win_rate_vs" in tree:  # read by the report (postlab.report.add_win_rates); checked here
+        versus = tree["win_rate_vs"]
+        if not isinstance(versus, dict) or not versus:
+            raise ConfigError(f"{where}: win_rate_vs: expected {{axis: value, ...}} naming the runs to compare with")
+        _assignment(versus, axes, f"{where}: win_rate_vs", new_ok=False)
     overrides = []
     for i, o in enumerate(_as_list(tree.get("overrides"), f"{where}: overrides")):
         w = f"{where}: overrides[{i}]"

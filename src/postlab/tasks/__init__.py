@@ -4,6 +4,7 @@ Register a task with ``@register_task``; a stage names it in ``task.name``.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -12,6 +13,9 @@ from ..config import TaskConfig
 from ..data import Example, Pair
 from ..errors import ConfigError, DataError
 from ..models import LM
+
+
+PER_EXAMPLE = "per_example.jsonl"  # written by Task.write_scores into the evaluation's folder
 
 
 def data_dir() -> Path:
@@ -62,6 +66,15 @@ class Task:
     def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
         raise NotImplementedError
 
+    def write_scores(self, out_dir: Path | None, scores: dict[str, float]) -> None:
+        """The task metric per dev example (id -> score, higher is better) as ``per_example.jsonl``:
+        what a study report compares example by example (win rates against another row)."""
+        if out_dir is None:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / PER_EXAMPLE, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"id": str(i), "score": float(v)}) + "\n" for i, v in scores.items())
+
     @staticmethod
     def limit(items: list, n: int | None) -> list:
         return items if n is None else items[:n]
@@ -79,6 +92,37 @@ def get_task(cfg: TaskConfig) -> Task:
     if cfg.name not in TASKS:
         raise ConfigError(f"task.name: unknown task {cfg.name!r}; choose one of {sorted(TASKS)}")
     return TASKS[cfg.name](cfg)
+
+
+def training_task(cfg: TaskConfig) -> Task:
+    """Where a stage's training data comes from: the task itself, or its `train_records` file (read as
+    task `file`; the task still evaluates)."""
+    if cfg.train_records:
+        return TASKS["file"](TaskConfig(name="file", train=cfg.train_records, train_limit=cfg.train_limit))
+    return get_task(cfg)
+
+
+def evaluate_task(task: Task, lm: LM, out_dir: Path | None, batch_size: int) -> dict[str, float]:
+    """The task's own metrics plus ``<name>_logp`` for each of its ``score_records`` files: the mean
+    per-token log-likelihood of the file's completions given their prompts (EOS as the task trains)."""
+    from ..logprobs import completion_nll
+
+    metrics = task.evaluate(lm, out_dir, batch_size)
+    for name, path in task.cfg.score_records.items():
+        examples = TASKS["file"](TaskConfig(name="file", train=path)).train_examples()
+        nll, tokens = completion_nll(lm, examples, batch_size, task.cfg.overlength, task.append_eos,
+                                     source=f"task.score_records.{name} ({path})")
+        metrics[f"{name}_logp"] = -nll / tokens
+    return metrics
+
+
+def records_fingerprint(cfg: TaskConfig) -> dict[str, str]:
+    """sha256 of each file the evaluation reads besides the task's own data (score_records), so a
+    cached evaluation is redone when one of them changes."""
+    import hashlib
+
+    return {name: hashlib.sha256(require_file(path, f"task.score_records.{name}").read_bytes()).hexdigest()
+            for name, path in sorted(cfg.score_records.items())}
 
 
 from . import paraphrase  # noqa: E402,F401

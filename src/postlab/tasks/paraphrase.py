@@ -110,8 +110,8 @@ class Paraphrase(Task):
         metrics = {**classification_metrics(gold, pred),
                    **{f"majority_{k}": v for k, v in classification_metrics(gold, [majority] * len(gold)).items()},
                    "predicted_yes_rate": sum(pred) / len(pred), "n": float(len(gold))}
+        self.write_scores(out_dir, {i: float(y == p) for (i, *_), y, p in zip(rows, gold, pred)})
         if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
             with open(out_dir / "paraphrase_predictions.jsonl", "w") as f:
                 for (i, *_), y, p in zip(rows, gold, pred):
                     f.write(json.dumps({"id": i, "label": y, "pred": p}) + "\n")

@@ -154,6 +154,10 @@ class Sonnets(Task):
         refs = ["\n".join(lines) for _, lines in held]
         hyp_conts = ["\n".join(c) for c in conts]
         ref_conts = [continuation_text(lines) for _, lines in held]
+        # Per sonnet: chrF of the generated continuation against the true one (the prompt lines are
+        # the same for every model, so they are left out of the per-example comparison).
+        self.write_scores(out_dir, {n: sacrebleu.sentence_chrf(h, [r]).score
+                                    for (n, _), h, r in zip(held, hyp_conts, ref_conts)})
         if out_dir is not None:
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
