@@ -41,12 +41,12 @@ def case_data(task: str, kind: str, n: int, data: str) -> list[Example] | list[P
 
 
 def postlab_stage(lm, objective: str, raw, batch: int, lr: float, append_eos: bool, beta: float = 0.1,
-                  group_by_length: bool = True, parameterization: dict | None = None) -> dict:
+                  group_by_length: bool = True, parameterization: dict | None = None, optim: dict | None = None) -> dict:
     """Tokenize, compute reference log-probs when the objective needs them (fresh cache: always
     computed), and train one epoch. Returns seconds, tokens and the per-step losses."""
     spec = get_objective(objective)
     obj = {"name": objective, "beta": beta} if spec.kind == "preference" else {"name": objective}
-    cfg = StageConfig(name=objective, task={"name": "file"}, objective=obj, optim={"lr": lr, "batch_size": batch},
+    cfg = StageConfig(name=objective, task={"name": "file"}, objective=obj, optim={"lr": lr, "batch_size": batch, **(optim or {})},
                       eval_at_start=False, log_every=1, group_by_length=group_by_length,
                       parameterization=parameterization or {"method": "fft"})
     lm.model = apply_parameterization(lm.model, cfg.parameterization)

@@ -96,3 +96,40 @@ def test_resume_across_the_stage_boundary(tiny_llama, tmp_path, method):
     full = json.loads((tmp_path / "full" / "result.json").read_text())
     part = json.loads((tmp_path / "part" / "result.json").read_text())
     assert full["metrics"] == part["metrics"]
+
+
+def test_pairs_split_into_row_limited_forwards_give_the_same_step(tiny_llama, tmp_path):
+    """A micro-batch of multi-token pairs holds 2 rows per pair; by default a forward holds at most
+    batch_size rows (so DPO's activations match SFT's), the micro-batch running as several forwards
+    accumulated into one step. The step is the same as one forward of every pair (float tolerance)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from postlab.data import Tokenized, forward_chunks
+
+    multi = [Tokenized([1, 2], [[3, 4], [5]]) for _ in range(5)]
+    assert forward_chunks(multi, [0, 1, 2, 3, 4], 4) == [[0, 1], [2, 3], [4]]
+    single = [Tokenized([1, 2], [[3], [5]]) for _ in range(5)]  # one shared row per pair
+    assert forward_chunks(single, [0, 1, 2, 3, 4], 4) == [[0, 1, 2, 3], [4]]
+    assert forward_chunks(multi, [], 4) == []
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Item {i} is", "chosen": f" good and fine {i}",
+                                        "rejected": " bad"}) + "\n" for i in range(8)))
+
+    def weights(name: str, forward_rows: int | None) -> dict:
+        out = tmp_path / name
+        run(parse_run_config({
+            "model": {"name": str(tiny_llama)}, "output_dir": str(out), "reuse_stages": False,
+            "stages": [{"name": "dpo", "task": {"name": "file", "train": str(data)}, "eval_at_start": False,
+                        "objective": {"name": "dpo", "beta": 0.1}, "group_by_length": False,
+                        "optim": {"lr": 1e-3, "batch_size": 4, "forward_rows": forward_rows}}]}))
+        return load_file(str(out / "0-dpo" / "checkpoint" / "trainable.safetensors"))
+
+    split, whole = weights("split", None), weights("whole", 8)  # 4 rows a forward vs all 8 at once
+    start = load_file(str(next(tiny_llama.glob("*.safetensors"))))
+    moved = 0
+    for k, v in whole.items():
+        torch.testing.assert_close(split[k], v, rtol=1e-4, atol=1e-6)
+        moved += int(not torch.equal(v, start.get(k, v)))
+    assert moved  # training changed the weights: the comparison is not between two untouched models

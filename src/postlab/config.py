@@ -118,6 +118,11 @@ class OptimConfig(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
+    # At most this many sequences per forward pass (default: batch_size). Preference pairs whose
+    # answers cannot share a row take two rows each, so a micro-batch of pairs runs as a few forwards
+    # accumulated into the same step: exact for losses that are means over pairs, and it keeps a
+    # DPO stage's activation memory at the SFT stage's (bench/dpo_memory.py).
+    forward_rows: int | None = Field(None, gt=0)
 
 
 class ObjectiveConfig(BaseModel):

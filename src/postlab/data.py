@@ -135,6 +135,21 @@ def _pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def rows_per_item(items: list[Tokenized]) -> int:
+    """Sequences a score batch of these items holds per item: 1 when every answer is one token (they
+    share the prompt's row), else one per answer."""
+    n_comp = len(items[0].completions)
+    return 1 if n_comp == 1 or all(len(c) == 1 for it in items for c in it.completions) else n_comp
+
+
+def forward_chunks(items: list[Tokenized], idx: list[int], max_rows: int) -> list[list[int]]:
+    """`idx` cut into contiguous parts whose score batches hold at most `max_rows` sequences."""
+    if not idx:
+        return []
+    per = max(1, max_rows // rows_per_item([items[i] for i in idx]))
+    return [idx[s:s + per] for s in range(0, len(idx), per)]
+
+
 def score_batch(items: list[Tokenized], pad_id: int) -> ScoreBatch:
     """Answers are ordered completion-major: for pairs, answers [0, B) are chosen and [B, 2B) rejected.
 
@@ -143,7 +158,7 @@ def score_batch(items: list[Tokenized], pad_id: int) -> ScoreBatch:
     """
     n_comp = len(items[0].completions)
     B = len(items)
-    shared = n_comp > 1 and all(len(c) == 1 for it in items for c in it.completions)
+    shared = n_comp > 1 and rows_per_item(items) == 1
     rows: list[list[int]] = []
     hidden: list[int] = []
     entries: list[tuple[int, int, int, int]] = []  # (hidden idx, target, answer, slot)

@@ -19,7 +19,7 @@ from . import distributed as dist
 from . import faults
 from .checkpoint import existing_dir, load_checkpoint, save_checkpoint
 from .config import StageConfig
-from .data import Tokenized, length_grouped_batches, score_batch
+from .data import Tokenized, forward_chunks, length_grouped_batches, score_batch
 from .errors import TrainingError
 from .logprobs import score
 from .models import LM
@@ -189,27 +189,29 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
             loss_sum, step_metrics, step_tokens = 0.0, {}, 0
             n_micro = len(groups[g])
             for full_idx in groups[g]:
-                idx, share = dist.my_share(full_idx)  # all of it in a single process
-                batch = score_batch([items[i] for i in idx], pad).to(device)
-                cached = {name: cached_logps(c, idx, batch.n_slots).to(device)
-                          for name, c in (("reference", reference), ("teacher", teacher)) if c is not None}
-                if topk is None:
-                    logps, mask = score(lm, batch)
-                else:  # the policy's log-probs at the cached top-k tokens of each position
-                    cached["topk_target"] = cached_logps(topk[0], idx, batch.n_slots).to(device)
-                    logps, mask, cached["topk_policy"] = score(lm, batch, at=cached_logps(topk[1], idx, batch.n_slots).to(device))
-                loss, m = spec.fn(objective_inputs(spec, logps, mask, len(idx), **cached), args)
-                if not torch.isfinite(loss):
-                    bar.close()
-                    raise TrainingError(f"stage {cfg.name}: loss is {loss.item()} at step {step + 1}; stopped. The last "
-                                        f"good checkpoint is {ckpt if existing_dir(ckpt) else 'the stage start'}; "
-                                        f"try a lower optim.lr or optim.grad_clip")
-                (loss * (share / n_micro)).backward()
-                faults.point("step")
-                loss_sum += loss.item() * share / n_micro
-                for k, v in m.items():
-                    step_metrics[k] = step_metrics.get(k, 0.0) + float(v) * share / n_micro
-                step_tokens += batch.n_tokens
+                mine, my_share = dist.my_share(full_idx)  # all of it in a single process
+                for idx in forward_chunks(items, mine, cfg.optim.forward_rows or cfg.optim.batch_size):
+                    share = my_share * len(idx) / len(mine)  # this forward's weight in the micro-batch
+                    batch = score_batch([items[i] for i in idx], pad).to(device)
+                    cached = {name: cached_logps(c, idx, batch.n_slots).to(device)
+                              for name, c in (("reference", reference), ("teacher", teacher)) if c is not None}
+                    if topk is None:
+                        logps, mask = score(lm, batch)
+                    else:  # the policy's log-probs at the cached top-k tokens of each position
+                        cached["topk_target"] = cached_logps(topk[0], idx, batch.n_slots).to(device)
+                        logps, mask, cached["topk_policy"] = score(lm, batch, at=cached_logps(topk[1], idx, batch.n_slots).to(device))
+                    loss, m = spec.fn(objective_inputs(spec, logps, mask, len(idx), **cached), args)
+                    if not torch.isfinite(loss):
+                        bar.close()
+                        raise TrainingError(f"stage {cfg.name}: loss is {loss.item()} at step {step + 1}; stopped. The last "
+                                            f"good checkpoint is {ckpt if existing_dir(ckpt) else 'the stage start'}; "
+                                            f"try a lower optim.lr or optim.grad_clip")
+                    (loss * (share / n_micro)).backward()
+                    faults.point("step")
+                    loss_sum += loss.item() * share / n_micro
+                    for k, v in m.items():
+                        step_metrics[k] = step_metrics.get(k, 0.0) + float(v) * share / n_micro
+                    step_tokens += batch.n_tokens
             params = [p for p in model.parameters() if p.requires_grad]
             if dist.world_size() > 1:  # every process then takes the same step
                 dist.sum_gradients(params)
