@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,14 +33,11 @@ def worker(case: str, objective: str, n: int, forward_rows: int | None, data: st
 
 
 def measure(case: str, objective: str, n: int, forward_rows: int | None, data: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", case, objective, "--n", str(n), "--data", data]
-    if forward_rows:
-        cmd += ["--forward-rows", str(forward_rows)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TQDM_DISABLE": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        raise SystemExit(f"{case} {objective} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    from workers import run_worker
+
+    args = ["--worker", case, objective, "--n", str(n), "--data", data]
+    return run_worker(__file__, args + (["--forward-rows", str(forward_rows)] if forward_rows else []),
+                      f"{case} {objective}")
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -86,13 +85,10 @@ def postlab_worker(case: str, n: int, batch: int, precision: str, data: str) -> 
 
 def measure(framework: str, case: str, n: int, batch: int, precision: str, data: str) -> dict:
     """One run in a fresh interpreter; returns its JSON result."""
-    cmd = [sys.executable, __file__, "--worker", framework, "--cases", case, "--n", str(n), "--batch", str(batch),
-           "--precision", precision, "--data", data]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TQDM_DISABLE": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        raise SystemExit(f"{framework} {case} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    from workers import run_worker
+
+    return run_worker(__file__, ["--worker", framework, "--cases", case, "--n", str(n), "--batch", str(batch),
+                                 "--precision", precision, "--data", data], f"{framework} {case}")
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Shakespeare sonnet continuation: given the first 3 lines of a sonnet, generate the rest.
 
-Data: Folger-format text files (a header, then each sonnet after a line holding only its number).
+Data: Folger-format text files: header text first; every sonnet starts on the line after its number, alone on a line.
 - train: every sonnet as the continuation of its own first 3 lines.
 - dev: the held-out prompts (first 3 lines) paired, by order, with the true complete sonnets.
 
@@ -51,7 +51,7 @@ def parse_sonnets(path: str | Path, min_lines: int = MIN_SONNET_LINES) -> list[t
     path = Path(path)
     text = read_text(path)
     if not text.strip():
-        raise DataError(f"{path}: empty file; expected a header, then each sonnet after a line holding its number")
+        raise DataError(f"{path}: empty file; expected header text, then sonnets, each preceded by its number alone on a line")
     sonnets: list[tuple[int, list[str]]] = []
     starts: list[int] = []  # line number of each sonnet's number line
     seen: dict[int, int] = {}
