@@ -24,31 +24,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config, n: int, cwd) -> subprocess.CompletedProcess:
+def launch(config, n: int, cwd, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     # accelerate's multi-process launcher is torch.distributed.run; on a machine without GPUs
     # PartialState then joins the processes over gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "postlab", "train", str(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+           "-m", "postlab", "train", str(config), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("method", ["fft", "lora"])
-def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, tmp_path, method):
+@pytest.mark.parametrize("parallel,method", [("ddp", "fft"), ("ddp", "lora"), ("fsdp", "fft"), ("fsdp", "lora")])
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, tmp_path, parallel, method):
     data = write_pairs(tmp_path / "pairs.tsv", n=16)
     param = {"method": method, "lora": {"r": 4, "dropout": 0.0}}  # dropout masks differ per process
-    common = dict(epochs=2, optim={"lr": 1e-3, "batch_size": 4, "grad_accum": 2}, parameterization=param)
+    # forward_rows 1 with a micro-batch of 3: one process runs 1 forward, the other 2 (under fsdp
+    # the first repeats one to stay in step); a tight grad_clip makes the clip act on every step.
+    common = dict(epochs=2, optim={"lr": 1e-3, "batch_size": 3, "grad_accum": 2, "forward_rows": 1, "grad_clip": 0.5},
+                  parameterization=param)
     one = run_config(tiny_llama, tmp_path / "one", data, **common)
     one["reuse_stages"] = False
     run(parse_run_config(one))
 
     two = run_config(tiny_llama, tmp_path / "two", data, **common)
-    two["reuse_stages"] = False
+    two["reuse_stages"], two["parallel"] = False, parallel
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(yaml.safe_dump(two))
     p = launch(cfg_path, 2, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert ("fsdp: 2 blocks + root sharded over 2 processes" in p.stderr) == (parallel == "fsdp")
+    assert p.stdout.count("done in") == 1  # one summary, from the main process
 
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert a.keys() == b.keys() and a
@@ -64,8 +69,36 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, 
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     for x, y in zip(ra, rb):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-6)
-    assert json.loads((tmp_path / "two" / "result.json").read_text())["stages"][0]["tokens"] == \
-        json.loads((tmp_path / "one" / "result.json").read_text())["stages"][0]["tokens"]
+        # gradients summed over processes, not averaged (Adam and the clip would hide a scale)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4, abs=1e-6)
+    res_a, res_b = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two"))
+    assert res_b["stages"][0]["tokens"] == res_a["stages"][0]["tokens"]
+    # Evaluation (on the main process; under fsdp on the gathered shards) sees the same model.
+    assert res_b["metrics"] == pytest.approx(res_a["metrics"], rel=1e-4, abs=1e-6)
+
+
+def test_a_killed_fsdp_run_resumes_from_its_gathered_checkpoint(tiny_llama, tmp_path):
+    """Checkpoints under fsdp hold the whole model and optimizer state (gathered from the shards); a
+    run killed mid-stage resumes from them to the weights of an uninterrupted one-process run."""
+    data = write_pairs(tmp_path / "pairs.tsv", n=16)
+    common = dict(epochs=2, save_every_steps=2, optim={"lr": 1e-3, "batch_size": 4, "grad_accum": 1})
+    one = run_config(tiny_llama, tmp_path / "one", data, **common)
+    run(parse_run_config(one))
+
+    two = {**run_config(tiny_llama, tmp_path / "two", data, **common), "parallel": "fsdp"}
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(yaml.safe_dump(two))
+    killed = launch(cfg_path, 2, tmp_path, env={"POSTLAB_KILL_AT": "step#5"})  # in step 5, after the step-4 checkpoint
+    assert killed.returncode != 0
+    import json
+
+    assert json.loads((tmp_path / "two" / "0-sft" / "checkpoint" / "state.json").read_text())["step"] == 4
+    resumed = launch(cfg_path, 2, tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 4/8" in resumed.stderr
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_each_process_takes_a_contiguous_weighted_share_of_a_micro_batch(monkeypatch):

@@ -104,9 +104,8 @@ def test_checkpoint_with_pickled_code_is_refused(tiny_llama, tmp_path):
     ckpt = tmp_path / "run" / "0-sft" / "checkpoint"
     (ckpt / "trainer_state.pt").write_bytes(pickle.dumps({"optimizer": Boom()}))
     lm = load_lm(str(tiny_llama))
-    opt = torch.optim.AdamW(lm.model.parameters())
     with pytest.raises(ModelError, match="corrupt checkpoint .*Unpickl|corrupt checkpoint .*weights_only"):
-        load_checkpoint(ckpt, lm.model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+        load_checkpoint(ckpt, lm.model)
     assert not Path("/tmp/postlab-pwned").exists()
 
 

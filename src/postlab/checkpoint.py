@@ -73,18 +73,18 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
+def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler, state: dict) -> None:
     """Trainable weights, optimizer, scheduler and RNG state, plus `state` (progress counters)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while writing
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(weights, str(tmp / "trainable.safetensors"))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng},
                    tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
     except (OSError, RuntimeError) as e:  # a full disk surfaces as either, with cryptic messages
@@ -97,7 +97,9 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Non
     replace_dir(tmp, path)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model) -> tuple[dict, dict, dict]:
+    """Load the trainable weights into `model` and restore the RNG state; returns the optimizer and
+    scheduler states (for the caller to load once it has built them) and the progress counters."""
     found = existing_dir(path)
     if found is None:
         raise ModelError(f"{path}: no checkpoint to resume from")
@@ -116,13 +118,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         params = dict(model.named_parameters())
         for n, t in weights.items():
             params[n].copy_(t)
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"]["torch"])
     random.setstate(_as_tuple(trainer["rng"]["python"]))
     if "cuda" in trainer["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
-    return state
+    return trainer["optimizer"], trainer["scheduler"], state
 
 
 def _as_tuple(x):

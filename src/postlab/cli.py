@@ -28,7 +28,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     overrides = list(a.overrides) + ([f"output_dir={a.output_dir}"] if a.output_dir else [])
     cfg = load_run_config(a.config, overrides)
     result = run(cfg, resume=a.resume)
-    print(summary(result, cfg.output_dir))
+    from . import distributed as dist
+
+    if dist.is_main():  # the others hold no evaluation results
+        print(summary(result, cfg.output_dir))
     return 0
 
 

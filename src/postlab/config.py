@@ -178,6 +178,9 @@ class RunConfig(Strict):
     reuse_stages: bool = True
     # Also log every metrics record to TensorBoard (<output_dir>/tensorboard/) and/or MLflow.
     tracking: list[Literal["tensorboard", "mlflow"]] = []
+    # Several processes (accelerate launch): ddp keeps a whole model on each; fsdp shards weights,
+    # gradients and optimizer state across them (same steps, less memory per process).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
 
     @field_validator("stages")

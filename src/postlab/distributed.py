@@ -63,9 +63,10 @@ def main_first():
         yield
 
 
-def my_share(idx: list[int]) -> tuple[list[int], float]:
-    """This process's contiguous part of a micro-batch and its weight (its fraction of the examples)."""
-    n, w, r = len(idx), world_size(), rank()
+def my_share(idx: list[int], r: int | None = None) -> tuple[list[int], float]:
+    """This process's (or process `r`'s) contiguous part of a micro-batch and its weight (its fraction
+    of the examples)."""
+    n, w, r = len(idx), world_size(), rank() if r is None else r
     if w == 1:
         return idx, 1.0
     lo, hi = r * n // w, (r + 1) * n // w
@@ -88,6 +89,15 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
+def forwards(items, idx: list[int], max_rows: int) -> list[tuple[list[int], float]]:
+    """The forwards this process runs for micro-batch `idx`: its share cut into row-limited chunks,
+    each with its weight in the micro-batch."""
+    from .data import forward_chunks
+
+    mine, share = my_share(idx)
+    return [(part, share * len(part) / len(mine)) for part in forward_chunks(items, mine, max_rows)]
+
+
 def sum_scalars(values: list[float]) -> list[float]:
     if not launched():
         return values
@@ -96,3 +106,61 @@ def sum_scalars(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def per_process(value: float) -> list[float]:
+    """`value` of every process, in rank order (every process gets the list)."""
+    slots = [0.0] * world_size()
+    slots[rank()] = value
+    return sum_scalars(slots)
+
+
+class Replicated:
+    """DDP semantics (and the plain single process): every process holds the whole model; gradients
+    are summed after the backward passes. `fsdp.FullyShard` is the sharded alternative with the same
+    methods, so the training loop is the same for both."""
+
+    def prepare(self, lm) -> torch.nn.Module:
+        return lm.model
+
+    def forwards(self, items, idx: list[int], max_rows: int) -> list[tuple[list[int], float]]:
+        return forwards(items, idx, max_rows)
+
+    def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        sum_gradients(params)
+
+    def clip_gradients(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+
+    def fused_optimizer(self) -> bool:
+        return True
+
+    @contextlib.contextmanager
+    def whole_model(self, lm):
+        """On the main process, `lm.model` holds all the weights inside the block (for evaluation)."""
+        yield
+
+    def checkpoint_state(self, model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+        """(trainable weights, optimizer state) for the main process to write."""
+        from .checkpoint import trainable_state
+
+        return trainable_state(model), optimizer.state_dict()
+
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict) -> None:
+        if any(isinstance(k, str) for k in state.get("state", {})):
+            from .errors import TrainingError
+
+            raise TrainingError("the checkpoint was written with parallel: fsdp; resume it the same way")
+        optimizer.load_state_dict(state)
+
+    def finish(self, lm) -> None:
+        """After the last step: `lm.model` is the whole trained model on every process."""
+
+
+def strategy(parallel: str):
+    """`parallel: ddp` (or one process): Replicated; `parallel: fsdp` with several processes: FullyShard."""
+    if parallel == "fsdp" and world_size() > 1:
+        from .fsdp import FullyShard
+
+        return FullyShard()
+    return Replicated()

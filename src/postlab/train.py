@@ -19,7 +19,7 @@ from . import distributed as dist
 from . import faults
 from .checkpoint import existing_dir, load_checkpoint, save_checkpoint
 from .config import StageConfig
-from .data import Tokenized, forward_chunks, length_grouped_batches, score_batch
+from .data import Tokenized, length_grouped_batches, score_batch
 from .errors import TrainingError
 from .logprobs import score
 from .models import LM
@@ -111,14 +111,18 @@ class Schedule:
         return min(per_epoch * self.epochs, 10**12 if self.max_steps is None else self.max_steps)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: StageConfig, total_steps: int):
+def make_optimizer(model: torch.nn.Module, cfg: StageConfig, total_steps: int, fused: bool = True):
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]  # no optimizer state for frozen weights
     o = cfg.optim
-    try:
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=True)
-    except (RuntimeError, TypeError):
+    opt = None
+    if fused:
+        try:
+            opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=True)
+        except (RuntimeError, TypeError):
+            pass
+    if opt is None:
         opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[o.schedule]
     sched = get_scheduler(name, opt, num_warmup_steps=int(o.warmup_ratio * total_steps), num_training_steps=total_steps)
@@ -129,12 +133,14 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
                 stage_dir: Path, seed: int, metrics: MetricsLog, evaluate: Callable[[], dict[str, float]],
                 reference: list[list[torch.Tensor]] | None = None,
                 teacher: list[list[torch.Tensor]] | None = None,
-                topk: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None) -> dict:
+                topk: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None,
+                parallel: str = "ddp") -> dict:
     """Train `lm.model` in place on `items` with `spec`; resumes from `stage_dir/checkpoint` when
     present. Returns a summary (steps, tokens, wall time, peak memory, last losses, eval metrics).
     `reference`/`teacher`: cached per-token log-probs; `topk`: cached (log-probs, token ids) of the
-    reference's or teacher's k most likely tokens at each completion position."""
-    model, device = lm.model, lm.device
+    reference's or teacher's k most likely tokens at each completion position. `parallel`: how
+    several processes share the work (ddp or fsdp; see distributed.py and fsdp.py)."""
+    device = lm.device
     lengths = [it.length for it in items]
     schedule = Schedule(lambda e: length_grouped_batches(lengths, cfg.optim.batch_size, seed * 1000 + e,
                                                          cfg.group_by_length),
@@ -143,12 +149,12 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
     if cfg.optim.batch_size < dist.world_size():
         raise TrainingError(f"stage {cfg.name}: optim.batch_size={cfg.optim.batch_size} is smaller than the "
                             f"{dist.world_size()} processes sharing each micro-batch; raise it or launch fewer")
-    opt, sched = make_optimizer(model, cfg, total)
     ckpt = stage_dir / "checkpoint"
     step, epoch, group0, tokens, wall0 = 0, 0, 0, 0, 0.0
     last_eval: dict[str, float] = {}
-    if existing_dir(ckpt) is not None:
-        state = load_checkpoint(ckpt, model, opt, sched)
+    resumed = existing_dir(ckpt) is not None
+    if resumed:
+        optim_state, sched_state, state = load_checkpoint(ckpt, lm.model)
         step, epoch, group0, tokens, wall0 = (state["step"], state["epoch"], state["group"], state["tokens"], state["wall_s"])
         last_eval = state.get("last_eval", {})
         metrics.truncate_after(cfg.name, step)
@@ -156,23 +162,31 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
     else:
         metrics.truncate_after(cfg.name, -1)  # a run killed before its first checkpoint starts the stage over
         torch.manual_seed(seed)
+    par = dist.strategy(parallel)
+    model = par.prepare(lm)  # lm.model, or (fsdp) its sharded copy
+    opt, sched = make_optimizer(model, cfg, total, fused=par.fused_optimizer())
+    if resumed:
+        par.load_optimizer_state(model, opt, optim_state)
+        sched.load_state_dict(sched_state)
 
     t_start = time.perf_counter() - wall0
 
     def checkpoint(ep: int, group: int) -> None:
+        weights, optim_state = par.checkpoint_state(model, opt)  # gathered to the main process
         if dist.is_main():
-            save_checkpoint(ckpt, model, opt, sched, {"step": step, "epoch": ep, "group": group, "tokens": tokens,
+            save_checkpoint(ckpt, weights, optim_state, sched, {"step": step, "epoch": ep, "group": group, "tokens": tokens,
                                                       "wall_s": time.perf_counter() - t_start, "last_eval": last_eval})
         dist.barrier()
 
     def run_eval(ep_float: float) -> None:
         nonlocal last_eval
-        if dist.is_main():  # the other processes wait at the barrier
-            t = time.perf_counter()
-            last_eval = evaluate()
-            metrics.write({"stage": cfg.name, "split": "dev", "step": step, "epoch": round(ep_float, 4),
-                           "eval_s": round(time.perf_counter() - t, 2), **last_eval})
-        dist.barrier()
+        with par.whole_model(lm):
+            if dist.is_main():  # the other processes wait at the barrier
+                t = time.perf_counter()
+                last_eval = evaluate()
+                metrics.write({"stage": cfg.name, "split": "dev", "step": step, "epoch": round(ep_float, 4),
+                               "eval_s": round(time.perf_counter() - t, 2), **last_eval})
+            dist.barrier()
 
     if step == 0 and (cfg.eval_at_start or total == 0):  # max_steps: 0 evaluates only
         run_eval(0.0)
@@ -189,9 +203,9 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
             loss_sum, step_metrics, step_tokens = 0.0, {}, 0
             n_micro = len(groups[g])
             for full_idx in groups[g]:
-                mine, my_share = dist.my_share(full_idx)  # all of it in a single process
-                for idx in forward_chunks(items, mine, cfg.optim.forward_rows or cfg.optim.batch_size):
-                    share = my_share * len(idx) / len(mine)  # this forward's weight in the micro-batch
+                # this process's share of the micro-batch (all of it in a single process), in forwards
+                # of at most forward_rows rows, each weighted by its part of the micro-batch
+                for idx, share in par.forwards(items, full_idx, cfg.optim.forward_rows or cfg.optim.batch_size):
                     batch = score_batch([items[i] for i in idx], pad).to(device)
                     cached = {name: cached_logps(c, idx, batch.n_slots).to(device)
                               for name, c in (("reference", reference), ("teacher", teacher)) if c is not None}
@@ -208,19 +222,21 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
                                             f"try a lower optim.lr or optim.grad_clip")
                     (loss * (share / n_micro)).backward()
                     faults.point("step")
+                    if share == 0:
+                        continue  # (fsdp) a repeated forward that keeps the processes in step
                     loss_sum += loss.item() * share / n_micro
                     for k, v in m.items():
                         step_metrics[k] = step_metrics.get(k, 0.0) + float(v) * share / n_micro
                     step_tokens += batch.n_tokens
             params = [p for p in model.parameters() if p.requires_grad]
             if dist.world_size() > 1:  # every process then takes the same step
-                dist.sum_gradients(params)
+                par.reduce_gradients(params)
                 keys = sorted(step_metrics)
                 loss_sum, step_tokens, *vals = dist.sum_scalars([loss_sum, step_tokens] + [step_metrics[k] for k in keys])
                 step_metrics, step_tokens = dict(zip(keys, vals)), int(step_tokens)
             tokens += step_tokens
             window_tokens += step_tokens
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf")).item()
+            gn = par.clip_gradients(params, cfg.optim.grad_clip or float("inf"))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -248,6 +264,9 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
         run_eval(float(epoch))
         checkpoint(epoch, 0)
     bar.close()
+    par.finish(lm)
     wall = time.perf_counter() - t_start
-    return {"steps": step, "tokens": tokens, "wall_s": round(wall, 2), "peak_mem_mb": round(peak_memory_mb(device), 1),
-            "device": str(device), "metrics": last_eval}
+    peaks = [round(m, 1) for m in dist.per_process(peak_memory_mb(device))]
+    return {"steps": step, "tokens": tokens, "wall_s": round(wall, 2), "peak_mem_mb": max(peaks),
+            **({"peak_mem_mb_per_process": peaks} if len(peaks) > 1 else {}), "device": str(device),
+            "metrics": last_eval}
