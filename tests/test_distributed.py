@@ -36,11 +36,12 @@ def launch(config, n: int, cwd, *args: str, env: dict | None = None) -> subproce
 
 @pytest.mark.parametrize("parallel,method", [("ddp", "fft"), ("ddp", "lora"), ("fsdp", "fft"), ("fsdp", "lora")])
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, tmp_path, parallel, method):
-    data = write_pairs(tmp_path / "pairs.tsv", n=16)
+    data = write_pairs(tmp_path / "pairs.tsv", n=13)
     param = {"method": method, "lora": {"r": 4, "dropout": 0.0}}  # dropout masks differ per process
-    # forward_rows 1 with a micro-batch of 3: one process runs 1 forward, the other 2 (under fsdp
-    # the first repeats one to stay in step); a tight grad_clip makes the clip act on every step.
-    common = dict(epochs=2, optim={"lr": 1e-3, "batch_size": 3, "grad_accum": 2, "forward_rows": 1, "grad_clip": 0.5},
+    # Micro-batches of 3 (and one of 1) over 2 processes with forward_rows 1: one process runs 1
+    # forward, the other 2 (under fsdp the first repeats one, weight 0, to stay in step); the step of
+    # 1 example leaves the first process nothing. A tight grad_clip acts on every step.
+    common = dict(epochs=2, optim={"lr": 1e-3, "batch_size": 3, "forward_rows": 1, "grad_clip": 0.5},
                   parameterization=param)
     one = run_config(tiny_llama, tmp_path / "one", data, **common)
     one["reuse_stages"] = False
@@ -113,6 +114,29 @@ def test_each_process_takes_a_contiguous_weighted_share_of_a_micro_batch(monkeyp
     assert [s for part, _ in shares for s in part] == idx  # every example once, in order
     assert sum(w for _, w in shares) == pytest.approx(1.0)
     assert [len(p) for p, _ in shares] == [2, 2, 3] and [w for _, w in shares] == pytest.approx([2 / 7, 2 / 7, 3 / 7])
+
+
+def test_every_process_runs_a_forward_and_under_fsdp_as_many_as_the_busiest(monkeypatch):
+    from postlab import distributed
+    from postlab.data import Tokenized
+    from postlab.fsdp import FullyShard
+
+    items = [Tokenized([1, 2], [[3, 4], [5, 6]]) for _ in range(6)]  # pairs of 2-token answers: 2 rows each
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+
+    def plans(strategy, idx, max_rows):
+        out = []
+        for r in range(2):
+            monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+            out.append(strategy.forwards(items, idx, max_rows))
+        return out
+
+    ddp, fsdp = distributed.Replicated(), FullyShard()
+    # 3 pairs, forward_rows 2: process 0 takes pair 0 (1 forward), process 1 pairs 1 and 2 (2 forwards)
+    assert plans(ddp, [0, 1, 2], 2) == [[([0], 1 / 3)], [([1], 1 / 3), ([2], 1 / 3)]]
+    assert plans(fsdp, [0, 1, 2], 2) == [[([0], 1 / 3), ([0], 0.0)], [([1], 1 / 3), ([2], 1 / 3)]]
+    # a micro-batch of 1: process 0 has no share but still runs one forward, of weight 0
+    assert plans(ddp, [5], 4) == plans(fsdp, [5], 4) == [[([5], 0.0)], [([5], 1.0)]]
 
 
 def test_a_micro_batch_smaller_than_the_process_count_is_refused(tiny_llama, tmp_path, monkeypatch):

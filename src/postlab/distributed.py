@@ -91,10 +91,14 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
 
 def forwards(items, idx: list[int], max_rows: int) -> list[tuple[list[int], float]]:
     """The forwards this process runs for micro-batch `idx`: its share cut into row-limited chunks,
-    each with its weight in the micro-batch."""
+    each with its weight in the micro-batch. A process whose share is empty (a last micro-batch
+    smaller than the process count) runs one forward of weight 0, so that every process logs the
+    same metrics."""
     from .data import forward_chunks
 
     mine, share = my_share(idx)
+    if not mine:
+        return [(idx[:1], 0.0)]
     return [(part, share * len(part) / len(mine)) for part in forward_chunks(items, mine, max_rows)]
 
 

@@ -90,9 +90,8 @@ class FullyShard:
         from .data import forward_chunks
 
         most = max(len(forward_chunks(items, dist.my_share(idx, r)[0], max_rows)) for r in range(dist.world_size()))
-        mine = dist.forwards(items, idx, max_rows)
-        filler = mine[0][0] if mine else idx[:1]
-        return mine + [(filler, 0.0)] * (most - len(mine))
+        mine = dist.forwards(items, idx, max_rows)  # at least one
+        return mine + [(mine[0][0], 0.0)] * (most - len(mine))
 
     def reduce_gradients(self, params) -> None:
         pass  # reduce-scattered during the backward passes

@@ -222,12 +222,11 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
                                             f"try a lower optim.lr or optim.grad_clip")
                     (loss * (share / n_micro)).backward()
                     faults.point("step")
-                    if share == 0:
-                        continue  # (fsdp) a repeated forward that keeps the processes in step
-                    loss_sum += loss.item() * share / n_micro
-                    for k, v in m.items():
-                        step_metrics[k] = step_metrics.get(k, 0.0) + float(v) * share / n_micro
-                    step_tokens += batch.n_tokens
+                    for k, v in m.items():  # every key, so that all processes sum the same list
+                        step_metrics[k] = step_metrics.get(k, 0.0) + (float(v) * share / n_micro if share else 0.0)
+                    if share:  # (not a weight-0 forward that keeps the processes in step)
+                        loss_sum += loss.item() * share / n_micro
+                        step_tokens += batch.n_tokens
             params = [p for p in model.parameters() if p.requires_grad]
             if dist.world_size() > 1:  # every process then takes the same step
                 par.reduce_gradients(params)
