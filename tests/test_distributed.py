@@ -139,6 +139,21 @@ def test_every_process_runs_a_forward_and_under_fsdp_as_many_as_the_busiest(monk
     assert plans(ddp, [5], 4) == plans(fsdp, [5], 4) == [[([5], 0.0)], [([5], 1.0)]]
 
 
+def test_a_checkpoint_of_the_other_parallel_kind_is_refused_with_what_to_do():
+    from postlab import distributed
+    from postlab.errors import TrainingError
+    from postlab.fsdp import FullyShard
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([w])
+    by_name = {"state": {"w": {"step": torch.tensor(1.0)}}, "param_groups": [{"params": ["w"]}]}
+    with pytest.raises(TrainingError, match="written with parallel: fsdp; resume it the same way"):
+        distributed.Replicated().load_optimizer_state(None, opt, by_name)
+    by_index = {"state": {0: {"step": torch.tensor(1.0)}}, "param_groups": [{"params": [0]}]}
+    with pytest.raises(TrainingError, match=r"written with parallel: ddp \(or one process\); resume it the same way"):
+        FullyShard().load_optimizer_state(None, opt, by_index)
+
+
 def test_a_micro_batch_smaller_than_the_process_count_is_refused(tiny_llama, tmp_path, monkeypatch):
     from postlab import distributed
     from postlab.errors import TrainingError

@@ -6,7 +6,6 @@ import pickle
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 import time
 from dataclasses import dataclass
@@ -166,7 +165,10 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
     model = par.prepare(lm)  # lm.model, or (fsdp) its sharded copy
     opt, sched = make_optimizer(model, cfg, total, fused=par.fused_optimizer())
     if resumed:
-        par.load_optimizer_state(model, opt, optim_state)
+        try:
+            par.load_optimizer_state(model, opt, optim_state)
+        except TrainingError as e:
+            raise TrainingError(f"{existing_dir(ckpt)}: {e}") from None
         sched.load_state_dict(sched_state)
 
     t_start = time.perf_counter() - wall0
