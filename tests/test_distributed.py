@@ -78,6 +78,30 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, 
     assert res_b["metrics"] == pytest.approx(res_a["metrics"], rel=1e-4, abs=1e-6)
 
 
+def test_fsdp_scores_long_completions_in_recomputed_head_chunks_like_one_process(tiny_llama, tmp_path):
+    """Over 512 scored tokens per process the LM head runs in chunks recomputed in the backward pass
+    (logprobs.CHUNK_ROWS): under fsdp the root's weights (the tied head) must still be whole then."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = "the of and to in is that it for on with as was at by an be this from".split()
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Write {i}:", "completion": " " + " ".join(rng.choice(words) for _ in range(400))}) + "\n"
+                            for i in range(8)))
+    task = {"name": "file", "train": str(data), "dev": str(data), "dev_limit": 2}
+    common = dict(task=task, epochs=1, eval_at_start=False, optim={"lr": 1e-3, "batch_size": 4})
+    run(parse_run_config(run_config(tiny_llama, tmp_path / "one", data, **common)))
+    two = {**run_config(tiny_llama, tmp_path / "two", data, **common), "parallel": "fsdp"}
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(yaml.safe_dump(two))
+    p = launch(cfg_path, 2, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_a_killed_fsdp_run_resumes_from_its_gathered_checkpoint(tiny_llama, tmp_path):
     """Checkpoints under fsdp hold the whole model and optimizer state (gathered from the shards); a
     run killed mid-stage resumes from them to the weights of an uninterrupted one-process run."""
