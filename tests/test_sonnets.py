@@ -15,7 +15,7 @@ from postlab.tasks.sonnets import cut_continuation, parse_sonnets
 SONNET = "\n".join(f"line {i} of the sonnet" for i in range(1, 15))
 
 
-def folger(*sonnets: tuple[int, str], header: str = "Sonnets\nby William Shakespeare\n\n\n") -> str:
+def folger(*sonnets: tuple[int, str], header: str = "Collected verses\nby A. Poet\n\n\n") -> str:
     return header + "".join(f"{n}\n\n{text}\n\n" for n, text in sonnets)
 
 
