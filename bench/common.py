@@ -56,7 +56,7 @@ def postlab_stage(lm, objective: str, raw, batch: int, lr: float, append_eos: bo
         ref = cached_token_logps(lm, items, "reference", 32, Path(d)) if spec.needs_reference else None
         t_ref = time.perf_counter() - t0
         out = train_stage(lm, cfg, spec, spec.args(**{k: v for k, v in obj.items() if k != "name"}), items, Path(d),
-                          0, MetricsLog(Path(d) / "m.jsonl"), lambda: {}, ref)
+                          0, MetricsLog(Path(d) / "m.jsonl"), lambda step: {}, ref)
         seconds = time.perf_counter() - t0
         losses = [r["loss"] for r in map(json.loads, (Path(d) / "m.jsonl").read_text().splitlines())
                   if r.get("split") == "train" and "loss" in r]

@@ -14,7 +14,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-from postlab.models import embedded_tokenizer_dir
+import postlab.models  # noqa: E402
+from postlab.models import embedded_tokenizer_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -69,3 +70,46 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.skip(f"shared data not found at {DATA}")
     return DATA
+
+
+# --------------------------------------------------------------------------------------------
+# Precision: every test states the precision it assumes; none depends on what `auto` resolves to
+# on the machine that runs it (bf16 where the CPU has AVX-512 BF16 or AMX, fp32 elsewhere).
+# --------------------------------------------------------------------------------------------
+
+BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bf16 keeps 8 significant bits: a stored value is off by at most this, relatively
+
+
+def tolerance(precision: str, scale: float = 1.0, ulps: float = 4.0) -> float:
+    """Absolute tolerance for comparing two computations of the same quantity of size ~`scale` that
+    round differently (other batch shapes, another order of sums). fp32: float round-off (1e-5
+    relative). bf16: `ulps` units of bf16's unit roundoff at that scale (each value a forward pass
+    stores in bf16 is off by up to half a unit; a log-softmax of such logits by up to one per input).
+    Derived from the format, not measured on one machine."""
+    if precision == "fp32":
+        return 1e-5 * max(scale, 1.0)
+    return ulps * BF16_UNIT_ROUNDOFF * max(scale, 1.0)
+
+
+@pytest.fixture(params=["fp32", "bf16"])
+def precision(request) -> str:
+    """Run a numeric test under each precision postlab trains in on CPU (bf16 autocast works on any
+    x86 CPU, natively fast only with AVX-512 BF16/AMX)."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def precision_must_be_stated(request, monkeypatch):
+    """`precision: auto` inside a test is an error unless the test is marked `auto_precision`
+    (tests of the auto rule itself, which then fix the CPU flags they assume)."""
+    if request.node.get_closest_marker("auto_precision"):
+        return
+    resolve = postlab.models.resolve_precision
+
+    def stated_only(precision: str, device):
+        if precision == "auto":
+            raise AssertionError("this test relies on precision: auto, which resolves differently on different "
+                                 "CPUs; state model.precision (fp32 or bf16)")
+        return resolve(precision, device)
+
+    monkeypatch.setattr(postlab.models, "resolve_precision", stated_only)

@@ -41,7 +41,7 @@ def fill(x, subs: dict):
 
 
 def good_config(model: Path, good: Path, out: Path, objective: str = "nll") -> dict:
-    return {"model": {"name": str(model)}, "output_dir": str(out), "seed": 0, "reuse_stages": False,
+    return {"model": {"name": str(model), "device": "cpu", "precision": "fp32"}, "output_dir": str(out), "seed": 0, "reuse_stages": False,
             "stages": [{"name": "sft", "task": {"name": "paraphrase", "train": str(good), "dev": str(good), "dev_limit": 4},
                         "objective": {"name": objective}, "optim": {"batch_size": 4}, "epochs": 1}]}
 

@@ -33,12 +33,12 @@ def test_export_merge_eval_generate(tiny_llama, tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "merged"), "--task", "paraphrase", "--dev", str(data), "--dev-limit", "8",
-                 "--reference", str(tiny_llama)]) == 0
+                 "--reference", str(tiny_llama), "--precision", "fp32"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["accuracy"] == result["metrics"]["accuracy"]  # the merged model predicts like the adapter
     assert 0 <= metrics["reward_accuracy"] <= 1
 
-    assert main(["generate", str(tmp_path / "merged"), "--prompt", "Hello", "--max-new-tokens", "5", "--seed", "3"]) == 0
+    assert main(["generate", str(tmp_path / "merged"), "--prompt", "Hello", "--max-new-tokens", "5", "--seed", "3", "--precision", "fp32"]) == 0
     first = capsys.readouterr().out
-    main(["generate", str(tmp_path / "merged"), "--prompt", "Hello", "--max-new-tokens", "5", "--seed", "3"])
+    main(["generate", str(tmp_path / "merged"), "--prompt", "Hello", "--max-new-tokens", "5", "--seed", "3", "--precision", "fp32"])
     assert capsys.readouterr().out == first and first.startswith("Hello")

@@ -114,7 +114,30 @@ def test_missing_model_is_a_clear_error(tmp_path):
     from postlab.models import load_lm
 
     with pytest.raises(ModelError, match="not found"):
-        load_lm(str(tmp_path / "no-such-model"))
+        load_lm(str(tmp_path / "no-such-model"), device="cpu", precision="fp32")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="cannot load model"):
-        load_lm(str(tmp_path / "empty"))
+        load_lm(str(tmp_path / "empty"), device="cpu", precision="fp32")
+
+
+@pytest.mark.auto_precision
+@pytest.mark.parametrize("fast_bf16,expected", [(True, "bf16"), (False, "fp32")])
+def test_precision_auto_follows_the_cpu_and_stated_precisions_do_not(monkeypatch, fast_bf16, expected):
+    """`auto` is bf16 where the CPU has native bf16 matmuls (AVX-512 BF16 or AMX) and fp32 elsewhere
+    (CPU flags fixed here, whatever the machine); a stated precision is used as stated."""
+    import torch
+
+    from postlab import models
+
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assert models.resolve_precision("auto", torch.device("cpu")) == expected
+    for stated in ("fp32", "bf16"):
+        assert models.resolve_precision(stated, torch.device("cpu")) == stated
+
+
+def test_a_test_that_relies_on_precision_auto_fails_loudly(tiny_llama):
+    """The suite's guard (conftest.precision_must_be_stated): no test depends on what auto resolves to."""
+    from postlab.models import load_lm
+
+    with pytest.raises(AssertionError, match="relies on precision: auto"):
+        load_lm(str(tiny_llama), device="cpu")

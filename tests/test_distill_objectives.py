@@ -129,7 +129,7 @@ def test_kd_and_dadpo_stages_read_a_cached_teacher(tiny_llama, teacher_model, tm
     stage = lambda name, data, obj: {"name": name, "task": {"name": "file", "train": str(data)},  # noqa: E731
                                      "objective": obj, "teacher": str(teacher_model), "epochs": 1,
                                      "log_every": 1, "optim": {"lr": 1e-3, "batch_size": 4}}
-    tree = {"model": {"name": str(tiny_llama)}, "output_dir": str(tmp_path / "run"), "reuse_stages": False,
+    tree = {"model": {"name": str(tiny_llama), "device": "cpu", "precision": "fp32"}, "output_dir": str(tmp_path / "run"), "reuse_stages": False,
             "stages": [stage("kd", sft_data, {"name": "kd", "divergence": "jsd", "topk": 8}),
                        stage("dadpo", pairs, {"name": "dadpo", "beta1": 0.1, "beta2": 0.1})]}
     run(parse_run_config(tree))
@@ -159,7 +159,7 @@ def test_distill_sample_writes_dsft_and_pairs_and_caches(tiny_llama, teacher_mod
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n\n".join(f"Tell me about number {i}:" for i in range(5)))
     argv = ["distill", "sample", "--teacher", str(teacher_model), "--student", str(tiny_llama), "--prompt-file",
-            str(prompts), "--max-new-tokens", "6", "--seed", "3", "--out", str(tmp_path / "d")]
+            str(prompts), "--max-new-tokens", "6", "--seed", "3", "--precision", "fp32", "--out", str(tmp_path / "d")]
     assert main(argv) == 0
     dsft = [json.loads(l) for l in (tmp_path / "d" / "dsft.jsonl").read_text().splitlines()]
     pairs = [json.loads(l) for l in (tmp_path / "d" / "pairs.jsonl").read_text().splitlines()]

@@ -45,7 +45,7 @@ def test_stages_train_on_records_and_score_teacher_responses(tiny_llama, tmp_pat
                                                     {"prompt": "Same question? Answer:", "completion": " yes"}])
     task = {"name": "paraphrase", "train": str(data), "dev": str(data), "dev_limit": 6,
             "score_records": {"teacher": str(held_out)}}
-    tree = {"model": {"name": str(tiny_llama)}, "output_dir": str(tmp_path / "run"), "reuse_stages": False,
+    tree = {"model": {"name": str(tiny_llama), "device": "cpu", "precision": "fp32"}, "output_dir": str(tmp_path / "run"), "reuse_stages": False,
             "stages": [{"name": "dsft", "task": {**task, "train_records": str(responses)},
                         "optim": {"lr": 1e-3, "batch_size": 2}},
                        {"name": "ddpo", "task": {**task, "train_records": str(pairs)},
@@ -69,7 +69,7 @@ def test_stages_train_on_records_and_score_teacher_responses(tiny_llama, tmp_pat
     # Changed held-out responses are scored again (the cached evaluation is keyed by their content).
     write_jsonl(held_out, [{"prompt": "Are these the same? Answer:", "completion": " maybe not"}])
     again = {**tree, "output_dir": str(tmp_path / "again"),
-             "model": {"name": str(tmp_path / "run" / "1-ddpo" / "model")},
+             "model": {"name": str(tmp_path / "run" / "1-ddpo" / "model"), "device": "cpu", "precision": "fp32"},
              "stages": [{"name": "eval", "task": task, "max_steps": 0}]}
     m = run(parse_run_config(again))["metrics"]
     nll2, tokens2 = completion_nll(lm, FileTask(TaskConfig(name="file", train=str(held_out))).train_examples(), 2,
@@ -128,7 +128,7 @@ def test_report_adds_win_rate_against_the_named_row(tmp_path):
     text = report.read_text()
     assert "win_rate_vs_teacher" in text
     # it is a primary metric: compared between methods, paired by seed
-    assert "| kd | student | sonnets | – | win_rate_vs_teacher | 3 | 0.5 |" in text
+    assert "| kd | student | sonnets | – | win_rate_vs_teacher | 3 seeds | 0.5 |" in text
     assert "win_rate_vs_teacher (every task)" in text
     assert "win_rate_vs_teacher" not in load_runs(root).columns  # added by the report, from the files
 
@@ -146,7 +146,7 @@ def test_distill_sample_dev_prompts(tiny_llama, data_dir, monkeypatch, tmp_path,
     monkeypatch.setenv("POSTLAB_DATA", str(data_dir))
     out = tmp_path / "dev"
     assert main(["distill", "sample", "--teacher", str(tiny_llama), "--student", str(tiny_llama), "--task", "sonnets",
-                 "--split", "dev", "--limit", "2", "--max-new-tokens", "4", "--out", str(out)]) == 0
+                 "--split", "dev", "--limit", "2", "--max-new-tokens", "4", "--out", str(out), "--precision", "fp32"]) == 0
     rows = [json.loads(l) for l in (out / "dsft.jsonl").read_text().splitlines()]
     dev = get_task(TaskConfig(name="sonnets", dev_limit=2)).dev_examples()
     assert [r["prompt"] for r in rows] == [e.prompt for e in dev]

@@ -26,7 +26,7 @@ def test_embedded_model_converts_and_loads_as_plain_llama():
 
 
 def test_embedded_model_scores_paraphrase_dev(data_dir):
-    lm = load_lm("smollm2-135m")
+    lm = load_lm("smollm2-135m", precision="fp32")
     task = get_task(TaskConfig(name="paraphrase", dev=str(data_dir / "quora" / "quora-dev.tsv"), dev_limit=16))
     m = task.evaluate(lm, batch_size=16)
     assert m["n"] == 16 and 0 <= m["accuracy"] <= 1

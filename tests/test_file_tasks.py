@@ -184,6 +184,10 @@ def test_evaluate_tiny_llama(tiny_llama, tmp_path):
     assert m["n"] == 3.0 and m["tokens"] > 3
     assert math.isfinite(m["loss"]) and m["loss"] > 0
     assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
+    from postlab.metrics import read_per_example
+
+    per = read_per_example(tmp_path)
+    assert len(per.ids) == 3 and per.value("loss") == pytest.approx(m["loss"]) and not per.specs["loss"].higher_is_better
     assert task(train=train, dev=dev, dev_limit=1).evaluate(lm)["n"] == 1.0
     # a preference dev file is scored on its chosen completions
     pref = write(tmp_path / "dev_pairs.parquet", PREF)

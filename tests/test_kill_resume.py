@@ -33,7 +33,7 @@ def postlab(args: list[str], cache: Path, **env) -> subprocess.CompletedProcess:
 def run_config(tmp: Path, model: Path) -> Path:
     data = str(write_pairs(tmp / "pairs.tsv", 16))
     task = {"name": "paraphrase", "train": data, "dev": data, "dev_limit": 6}
-    tree = {"model": {"name": str(model), "device": "cpu"}, "seed": 0, "reuse_stages": False,
+    tree = {"model": {"name": str(model), "device": "cpu", "precision": "fp32"}, "seed": 0, "reuse_stages": False,
             "stages": [{"name": "sft", "task": task, "objective": {"name": "nll"}, "epochs": 2, "log_every": 1,
                         "save_every_steps": 2, "optim": {"lr": 1e-3, "batch_size": 4}},
                        {"name": "dpo", "task": task, "objective": {"name": "dpo", "beta": 0.1}, "epochs": 1,

@@ -62,7 +62,7 @@ def test_merge_takes_lora_adapters_merged_and_the_output_evaluates(three_llamas,
     assert all(torch.allclose(got[k], (merged[k] + plain[k]) / 2, atol=1e-6) for k in plain)
     data = write_pairs(tmp_path / "pairs.tsv", 8)
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "soup"), "--task", "paraphrase", "--dev", str(data)]) == 0
+    assert main(["eval", str(tmp_path / "soup"), "--task", "paraphrase", "--dev", str(data), "--precision", "fp32"]) == 0
     assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1
 
 
@@ -82,10 +82,10 @@ def test_diagnose_rewards_kl_and_plot(three_llamas, tmp_path, capsys):
 
     data = write_pairs(tmp_path / "pairs.tsv", 6)
     pairs = get_task(TaskConfig(name="paraphrase", dev=str(data))).preference_pairs("dev")
-    ref = load_lm(str(three_llamas[0]))
-    same = diagnose(load_lm(str(three_llamas[0])), ref, pairs, 0.1, tmp_path / "same", n_plot=2)
+    ref = load_lm(str(three_llamas[0]), device="cpu", precision="fp32")
+    same = diagnose(load_lm(str(three_llamas[0]), device="cpu", precision="fp32"), ref, pairs, 0.1, tmp_path / "same", n_plot=2)
     assert same["kl_per_token"] == pytest.approx(0.0, abs=1e-6) and same["reward_margin"] == pytest.approx(0.0, abs=1e-6)
-    other = load_lm(str(three_llamas[1]))
+    other = load_lm(str(three_llamas[1]), device="cpu", precision="fp32")
     s = diagnose(other, ref, pairs, 0.5, tmp_path / "other", n_plot=2)
     rows = [json.loads(l) for l in (tmp_path / "other" / "per_example.jsonl").read_text().splitlines()]
     assert len(rows) == 6 == s["pairs"]
@@ -109,7 +109,7 @@ def test_diagnose_rewards_kl_and_plot(three_llamas, tmp_path, capsys):
                          for i in range(3)))
     capsys.readouterr()
     assert main(["diagnose", str(three_llamas[1]), "--reference", str(three_llamas[0]), "--data", str(f),
-                 "--out", str(tmp_path / "cli")]) == 0
+                 "--out", str(tmp_path / "cli"), "--precision", "fp32"]) == 0
     assert "reward accuracy" in capsys.readouterr().out
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["pairs"] == 3
 
@@ -166,7 +166,7 @@ def test_prune_drops_layers_and_loads_in_transformers(tiny_llama, tmp_path, caps
     if method == "uniform":
         assert report["dropped"] == [1, 3]
     else:  # the two layers with the lowest block influence are the ones removed
-        bi = block_influence(load_lm(str(deep)), prompts.read_text().split("\n\n"))
+        bi = block_influence(load_lm(str(deep), device="cpu", precision="fp32"), prompts.read_text().split("\n\n"))
         assert report["dropped"] == sorted(sorted(range(5), key=lambda i: bi[i])[:2])
         assert report["block_influence"] == pytest.approx(bi)
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)  # cache indices consistent

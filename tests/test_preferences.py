@@ -216,20 +216,20 @@ def test_stage_items_picks_the_sampler(tiny_llama, sonnet_files, tmp_path, monke
     monkeypatch.setenv("POSTLAB_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("POSTLAB_CACHE", str(tmp_path / "home" / "cache"))
     home = tmp_path / "home"
-    base_hash = weights_hash(load_lm(str(tiny_llama)).model)
-    policy = load_lm(str(tiny_llama), device="cpu")
+    base_hash = weights_hash(load_lm(str(tiny_llama), device="cpu", precision="fp32").model)
+    policy = load_lm(str(tiny_llama), device="cpu", precision="fp32")
     with torch.no_grad():  # stands in for an SFT stage that changed the weights
         for p in policy.model.parameters():
             p.add_(0.01)
     policy_hash = weights_hash(policy.model)
-    other = load_lm(str(tiny_llama))  # a checkpoint named by path
+    other = load_lm(str(tiny_llama), device="cpu", precision="fp32")  # a checkpoint named by path
     with torch.no_grad():
         next(other.model.parameters()).mul_(2.0)
     ckpt = tmp_path / "ckpt"
     other.model.save_pretrained(ckpt)
     other.tokenizer.save_pretrained(ckpt)
     other_hash = weights_hash(other.model)
-    mcfg = ModelConfig(name=str(tiny_llama), device="cpu")
+    mcfg = ModelConfig(name=str(tiny_llama), device="cpu", precision="fp32")
 
     seen: set[Path] = set()
     for source, expected in [("stage-start", policy_hash), ("base", base_hash), (str(ckpt), other_hash)]:
@@ -250,7 +250,7 @@ def test_sft_then_dpo_run_on_sonnets(tiny_llama, sonnet_files, tmp_path, monkeyp
             "generation": {"max_new_tokens": 8, "batch_size": 4}, "pairs": {"generation": {"max_new_tokens": 8}}}
     common = {"task": task, "optim": {"lr": 1e-3, "batch_size": 4}, "epochs": 1, "log_every": 1}
     stages = [{"name": "sft", **common}, {"name": "dpo", "objective": {"name": "dpo"}, **common}]
-    cfg = parse_run_config({"model": {"name": str(tiny_llama), "device": "cpu"}, "output_dir": str(tmp_path / "run"),
+    cfg = parse_run_config({"model": {"name": str(tiny_llama), "device": "cpu", "precision": "fp32"}, "output_dir": str(tmp_path / "run"),
                             "stages": stages})
     result = run(cfg)
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
@@ -260,7 +260,7 @@ def test_sft_then_dpo_run_on_sonnets(tiny_llama, sonnet_files, tmp_path, monkeyp
     # stage-start: the rejected answers were sampled from the SFT model, not the base model
     (cache,) = (tmp_path / "home" / "cache" / "samples").glob("*.json")
     sampler = json.loads(cache.read_text())["sampler"]["weights"]
-    assert sampler == weights_hash(load_lm(str(tmp_path / "run" / "0-sft" / "model")).model)
-    assert sampler != weights_hash(load_lm(str(tiny_llama)).model)
+    assert sampler == weights_hash(load_lm(str(tmp_path / "run" / "0-sft" / "model"), device="cpu", precision="fp32").model)
+    assert sampler != weights_hash(load_lm(str(tiny_llama), device="cpu", precision="fp32").model)
     recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("stage") == "dpo" and "loss" in r for r in recs)

@@ -59,12 +59,13 @@ def test_gradient_norm_spike_is_logged(tiny_llama, tmp_path):
     assert [r["step"] for r in spikes] == [6] and spikes[0]["grad_norm"] > 10
 
 
-def test_same_config_and_seed_give_identical_results(tiny_llama, tmp_path, monkeypatch):
+def test_same_config_and_seed_give_identical_results(tiny_llama, tmp_path, monkeypatch, precision):
+    """Bit-identical twice, in fp32 and in bf16 (autocast), on the machine that runs both."""
     data = write_pairs(tmp_path / "pairs.tsv", 16)
     outs = []
     for i in range(2):
         monkeypatch.setenv("POSTLAB_CACHE", str(tmp_path / f"cache{i}"))  # nothing shared between the two
-        tree = run_config(tiny_llama, tmp_path / f"run{i}", data, epochs=2)
+        tree = run_config(tiny_llama, tmp_path / f"run{i}", data, precision, epochs=2)
         tree["stages"].append({**tree["stages"][0], "name": "dpo", "objective": {"name": "dpo"}, "epochs": 1})
         run(parse_run_config(tree))
         outs.append(outcome(tmp_path / f"run{i}"))
@@ -102,7 +103,7 @@ def test_checkpoint_with_pickled_code_is_refused(tiny_llama, tmp_path):
     run(parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=1)))
     ckpt = tmp_path / "run" / "0-sft" / "checkpoint"
     (ckpt / "trainer_state.pt").write_bytes(pickle.dumps({"optimizer": Boom()}))
-    lm = load_lm(str(tiny_llama))
+    lm = load_lm(str(tiny_llama), device="cpu", precision="fp32")
     with pytest.raises(ModelError, match="corrupt checkpoint .*Unpickl|corrupt checkpoint .*weights_only"):
         load_checkpoint(ckpt, lm.model)
     assert not Path("/tmp/postlab-pwned").exists()
@@ -121,7 +122,7 @@ def test_remote_code_is_not_run_unless_asked(tiny_llama, tmp_path):
     cfg["auto_map"] = {"AutoConfig": "custom_model.Config", "AutoModelForCausalLM": "custom_model.Model"}
     (d / "config.json").write_text(json.dumps(cfg))
     try:
-        load_lm(str(d))
+        load_lm(str(d), device="cpu", precision="fp32")
     except ModelError:
         pass  # refusing is fine; running the code is not
     assert not marker.exists()
@@ -162,7 +163,7 @@ def test_fuzz_configs_and_data_train_or_fail_clearly(data, stage, tiny_llama, tm
     tmp = tmp_path_factory.mktemp("fuzz")
     (tmp / "train.tsv").write_text(data, encoding="utf-8")
     stage["task"] = {"name": "paraphrase", "train": str(tmp / "train.tsv"), "dev": str(tmp / "train.tsv"), "dev_limit": 4}
-    tree = {"model": {"name": str(tiny_llama)}, "output_dir": str(tmp / "run"), "reuse_stages": False, "stages": [stage]}
+    tree = {"model": {"name": str(tiny_llama), "device": "cpu", "precision": "fp32"}, "output_dir": str(tmp / "run"), "reuse_stages": False, "stages": [stage]}
     (tmp / "c.yaml").write_text(yaml.safe_dump(tree))
     rc = main(["train", str(tmp / "c.yaml")])  # any other exception fails the test
     err = capsys.readouterr().err

@@ -99,7 +99,10 @@ def test_paired_comparisons_verdicts(study):
     assert param["significant"].all() and (param["mean_diff"] > 0).all()
     assert param["verdict"].str.startswith("fft > lora-r8 (p").all()
     assert not regime["significant"].any()
-    assert regime["verdict"].str.startswith("within noise (p=").all()
+    # not significant: the verdict states the largest difference the data rule out (equivalence bound)
+    assert regime["verdict"].str.startswith("no difference larger than ").all()
+    assert (regime["equivalence_bound"] > regime["mean_diff"].abs()).all()
+    assert (comp["test"] == "paired t-test over seeds (no per-example data)").all()
     assert (comp["n"] == 3).all()
 
 
@@ -116,16 +119,18 @@ def test_write_report(study):
         for param in PARAMS:
             assert text.count(f"| {regime} | {param} | 3 |") == 2
     # sft/fft/paraphrase accuracy: 0.88 + [0.001, 0.018, -0.0095] -> mean 0.8832, CI by hand
-    assert "| sft | fft | 3 | 0.8832 ± 0.01388 | [0.8487, 0.9176] |" in text
+    assert "| sft | fft | 3 | 0.8832 ± 0.01388 | [0.8487, 0.9176] | – |" in text  # (no zero-shot eval logged)
     assert "accuracy 95% CI" in text and "chrf 95% CI" in text
 
-    assert "**fft > lora-r8 (p" in text
+    assert "**fft > lora-r8**" in text
+    assert text.index("## Finding") < text.index("## Results")
+    assert "- On paraphrase (sft), fft beats lora-r8: higher accuracy by 0.0798 (fft − lora-r8 = +0.0798" in text
     regime_section = text.split("### regime")[1].split("###")[0]
-    assert regime_section.count("within noise (p=") == 6
+    assert regime_section.count("no difference larger than") == 6
     assert "fft > lora-r8" not in regime_section
 
     # plots exist, are PNGs and are linked relatively
-    for name in ["main_table.png", "learning_curves.png", "wall_clock.png",
+    for name in ["primary_metrics.png", "learning_curves.png", "wall_clock.png",
                  "paired_comparisons.png"]:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -164,7 +169,7 @@ def test_single_seed_is_not_testable(tmp_path):
             "metrics": {"accuracy": acc}, "stages": [], "wall_s": 1.0, "device": "cpu"}))
     text = write_report(root).read_text()
     assert "not testable: 1 seed" in text
-    assert "| fft | 1 | 0.9 ± – | – |" in text
+    assert "| fft | 1 | 0.9 ± – | – | – |" in text
 
 
 def test_no_task_axis_numeric_axis_and_broken_files(tmp_path):
@@ -194,5 +199,96 @@ def test_no_task_axis_numeric_axis_and_broken_files(tmp_path):
     text = write_report(root).read_text()
     assert "| lr=1e-05 |" not in text and "| 1e-05 | 3 |" in text
     assert "unreadable result.json" in text
-    for name in ["main_table.png", "learning_curves.png", "wall_clock.png"]:
+    for name in ["primary_metrics.png", "learning_curves.png", "wall_clock.png"]:
         assert (root / "report" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def _per_example_study(root, effect: float = 0.2, n: int = 150, seeds=(0, 1, 2), rng_seed: int = 0):
+    """fft vs lora-r8 on paraphrase with per-example records (task recorded by the runs, no task axis):
+    fft gets each example right with probability 0.75 + effect/2, lora with 0.75 - effect/2, the
+    zero-shot model with 0.55; examples differ in difficulty."""
+    import numpy as np
+
+    from postlab.metrics import MetricSpec, write_per_example
+
+    rng = np.random.default_rng(rng_seed)
+    difficulty = rng.normal(0, 1.0, n)
+    spec = {"accuracy": MetricSpec("ratio")}
+
+    def records(p):
+        correct = (rng.random(n) < 1 / (1 + np.exp(-(np.log(p / (1 - p)) + difficulty)))).astype(int)
+        return [{"id": f"q{i}", "score": float(c), "stats": {"accuracy": [float(c), 1.0]}} for i, c in enumerate(correct)], correct.mean()
+
+    zero_recs, zero_acc = records(0.55)
+    root.mkdir(parents=True)
+    (root / "study.yaml").write_text("name: per-example\nmetrics: [accuracy]\n")
+    for param, p in (("fft", 0.75 + effect / 2), ("lora-r8", 0.75 - effect / 2)):
+        for seed in seeds:
+            d = root / "runs" / f"param={param},seed={seed}"
+            recs, acc = records(p)
+            write_per_example(d / "0-sft" / "eval", recs, spec)
+            write_per_example(d / "0-sft" / "eval-start", zero_recs, spec)
+            metrics = {"accuracy": float(acc), "majority_accuracy": 0.6}
+            (d / "metrics.jsonl").write_text(json.dumps({"stage": "sft", "split": "dev", "step": 0, "accuracy": float(zero_acc)}) + "\n"
+                                             + json.dumps({"stage": "sft", "split": "train", "step": 5, "loss": 0.5}) + "\n")
+            (d / "result.json").write_text(json.dumps({
+                "run_id": d.name, "task": "paraphrase", "axes": {"param": param, "seed": seed}, "metrics": metrics,
+                "stages": [{"name": "sft", "wall_s": 5.0, "metrics": metrics}], "wall_s": 6.0, "device": "cpu",
+                "precision": "fp32"}))
+    return root
+
+
+def test_report_compares_arms_example_by_example_and_against_zero_shot(tmp_path):
+    root = _per_example_study(tmp_path / "s")
+    text = write_report(root).read_text()
+    comp = pd.read_csv(root / "report" / "comparisons.csv")
+    assert len(comp) == 1 and comp["test"].iloc[0] == "seed x example (crossed random effects)"
+    assert comp["n"].iloc[0] == 3 and comp["n_examples"].iloc[0] == 150
+    assert comp["mean_diff"].iloc[0] > 0 and comp["p_holm"].iloc[0] < 0.05
+    finding = text.split("## Finding")[1].split("##")[0]
+    assert "On paraphrase, fft beats lora-r8: higher accuracy by" in finding and "3 seeds × 150 dev examples" in finding
+    # the task came from result.json: the main table has the paraphrase section, zero-shot and majority
+    assert "### task = paraphrase" in text and "accuracy zero-shot" in text
+    assert "Always answering the majority class: accuracy 0.6." in text
+    base = pd.read_csv(root / "report" / "baselines.csv")
+    assert set(base["group"]) == {"fft", "lora-r8"} and (base["mean_diff"] > 0).all() and (base["p_holm"] < 0.05).all()
+    assert "## Against the zero-shot model" in text
+    for name in ("primary_metrics.png", "paired_comparisons.png"):
+        assert (root / "report" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_bounds_a_difference_it_does_not_find(tmp_path):
+    root = _per_example_study(tmp_path / "s", effect=0.0, rng_seed=3)
+    text = write_report(root).read_text()
+    comp = pd.read_csv(root / "report" / "comparisons.csv")
+    assert comp["p_holm"].iloc[0] >= 0.05
+    bound = comp["equivalence_bound"].iloc[0]
+    assert abs(comp["mean_diff"].iloc[0]) < bound < 0.5
+    assert f"no difference larger than {bound:.3g}" in text
+    assert f"the data rule out differences larger than {bound:.3g}" in text.split("## Finding")[1]
+
+
+def test_plan_prints_the_detectable_effect_from_a_previous_study_or_the_task_default(tmp_path, tiny_llama, capsys):
+    from postlab.cli import main
+
+    previous = _per_example_study(tmp_path / "previous")
+    data = tmp_path / "pairs.tsv"
+    data.write_text("id\tsentence1\tsentence2\tis_duplicate\n" + "".join(f"p{i}\tWhat is {i}?\tWhat is {i}?\t{i % 2}\n"
+                                                                         for i in range(50)))
+    study = tmp_path / "plan.yaml"
+    study.write_text(json.dumps({
+        "name": "plan", "metrics": ["accuracy"],
+        "base": {"model": {"name": str(tiny_llama), "device": "cpu", "precision": "fp32"},
+                 "task": {"name": "paraphrase", "train": str(data), "dev": str(data), "dev_limit": 40}},
+        "axes": {"param": {"fft": {"parameterization": {"method": "fft"}},
+                           "lora-r8": {"parameterization": {"method": "lora"}}}, "seed": [0, 1, 2]}}))
+    assert main(["study", "plan", str(study), "--output-dir", str(tmp_path / "out"), "--variance-from", str(previous)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("param: fft vs lora-r8"))
+    assert "paraphrase" in line and "accuracy" in line and "3 x 40" in line and f"measured in {previous}" in line
+    measured = float(line.split("3 x 40")[1].split()[0])
+    assert 0 < measured < 1
+    assert main(["study", "plan", str(study), "--output-dir", str(tmp_path / "out")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("param: fft vs lora-r8"))
+    assert "task default (conservative)" in line
+    assert float(line.split("3 x 40")[1].split()[0]) > measured  # the stated default is the cautious one

@@ -151,6 +151,14 @@ def test_evaluate_tiny_llama(tiny_llama, data_dir, monkeypatch, tmp_path):
     other.evaluate(lm, tmp_path / "c", batch_size=2)
     assert (tmp_path / "c" / "generated_sonnets.txt").read_text() != text
     assert task.evaluate(lm, None, batch_size=2) == m1  # no out_dir: nothing written, same numbers
+    # per-example statistics give back every corpus metric (what the report's paired tests resample)
+    from postlab.metrics import read_per_example
+
+    per = read_per_example(tmp_path / "a")
+    assert per.ids == ["132", "133"]
+    for metric in ("chrf", "chrf_continuation", "dev_loss", "perplexity"):
+        assert per.value(metric) == pytest.approx(m1[metric], rel=1e-9), metric
+    assert not per.specs["dev_loss"].higher_is_better and per.specs["chrf"].higher_is_better
 
 
 @pytest.mark.parametrize("scale", [0.3, 1.0, 3.0, 8.0])

@@ -31,7 +31,7 @@ def grid_study(tmp_path: Path, model: str = "tiny", **extra) -> dict:
     data = str(tmp_path / "pairs.tsv")
     tree = {
         "name": "grid",
-        "base": {"model": {"name": model}, "optim": {"batch_size": 4},
+        "base": {"model": {"name": model, "device": "cpu", "precision": "fp32"}, "optim": {"batch_size": 4},
                  "task": {"name": "paraphrase", "train": data, "dev": data, "dev_limit": 8}},
         "axes": {
             "regime": {"sft": {"stages": [{"name": "sft"}]},
@@ -198,7 +198,7 @@ def tiny_study(tmp_path: Path, model: Path, regimes=("sft", "dpo"), seeds=(0, 1)
                    "dpo": {"stages": [{"name": "dpo", "objective": {"name": "dpo", "beta": 0.1}}]}}
     tree = {
         "name": "tiny",
-        "base": {"model": {"name": str(model), "device": "cpu"},
+        "base": {"model": {"name": str(model), "device": "cpu", "precision": "fp32"},
                  "task": {"name": "paraphrase", "train": data, "dev": data, "dev_limit": 8},
                  "optim": {"lr": 1.0e-3, "batch_size": 4}, "epochs": epochs, "eval_at_start": False,
                  "log_every": 1},
@@ -349,15 +349,16 @@ def test_demo_runs_a_study_on_the_data_dir_and_prints_the_main_table(tmp_path, t
     write_pairs(data / "quora" / "quora-dev.tsv")
     (data / "sonnets" / "sonnets.txt").write_text("1\n")
     tree = {"name": "mini",
-            "base": {"model": {"name": str(tiny_llama)}, "task": {"name": "paraphrase", "dev_limit": 8},
+            "base": {"model": {"name": str(tiny_llama), "device": "cpu", "precision": "fp32"}, "task": {"name": "paraphrase", "dev_limit": 8},
                      "optim": {"lr": 1.0e-3, "batch_size": 4}, "epochs": 1},
             "axes": {"regime": {"sft": {"stages": [{"name": "sft", "objective": {"name": "nll"}}]}}}}
     study = write_study(tmp_path / "mini.yaml", tree)
     assert demo(str(data), study, str(tmp_path / "out")) == 0
     out = capsys.readouterr().out
     assert "1 run(s) trained" in out
+    assert out.index("Finding:") < out.index("Results (mean ± std over seeds):")  # the short summary
     table = [line for line in out.splitlines() if line.startswith("|")]
-    assert table and "accuracy" in out  # the report's main table, printed
+    assert table and "accuracy" in out and all(line.count("|") <= 12 for line in table)  # narrow, not every metric
     assert f"report     {tmp_path / 'out' / 'report' / 'report.md'}" in out
     result = json.loads((tmp_path / "out" / "runs" / "regime=sft" / "result.json").read_text())
     assert result["metrics"]["n"] == 8  # the dev file under --data was read
@@ -372,7 +373,7 @@ def test_estimate_counts_reused_stages_as_free_and_cut_completions_as_shorter(tm
     data.write_text("".join(json.dumps({"prompt": f"Tell story {i}:", "completion": " once upon a time" * 20}) + "\n"
                             for i in range(16)))
     task = {"name": "file", "train": str(data), "dev": str(data)}
-    tree = {"name": "est", "base": {"model": {"name": str(tiny_llama)}, "optim": {"batch_size": 4}, "task": task},
+    tree = {"name": "est", "base": {"model": {"name": str(tiny_llama), "device": "cpu", "precision": "fp32"}, "optim": {"batch_size": 4}, "task": task},
             "axes": {"regime": {"sft": {"stages": [{"name": "sft"}]},
                                 "sft->dpo": {"stages": [{"name": "sft"}, {"name": "dpo", "objective": {"name": "dpo"},
                                                                           "task": {"name": "file", "train": str(data)}}]},

@@ -29,7 +29,7 @@ def write_pairs(path: Path, n: int = 24) -> Path:
     return path
 
 
-def run_config(model: Path, out: Path, data: Path, **stage) -> dict:
+def run_config(model: Path, out: Path, data: Path, precision: str = "fp32", **stage) -> dict:
     base = {"name": "sft", "task": {"name": "paraphrase", "train": str(data), "dev": str(data), "dev_limit": 8},
             "optim": {"lr": 1e-3, "batch_size": 4}, "epochs": 2, "log_every": 1}
     for k, v in stage.items():
@@ -38,7 +38,8 @@ def run_config(model: Path, out: Path, data: Path, **stage) -> dict:
         else:
             base[k] = v
     # Tests of training train: no stage copied from another run (tests/test_reuse.py turns it on).
-    return {"model": {"name": str(model)}, "output_dir": str(out), "seed": 0, "stages": [base], "reuse_stages": False}
+    return {"model": {"name": str(model), "device": "cpu", "precision": precision}, "output_dir": str(out), "seed": 0,
+            "stages": [base], "reuse_stages": False}
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -46,7 +47,7 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_tiny_model_overfits_fixed_batch(tiny_llama):
-    lm = load_lm(str(tiny_llama))
+    lm = load_lm(str(tiny_llama), device="cpu", precision="fp32")
     examples = [Example(f"Say number {i}:", f" the number is {i} and that is all") for i in range(4)]
     items, _ = tokenize(examples, lm.tokenizer, 128)
     cfg = StageConfig(optim={"lr": 3e-3, "batch_size": 4, "schedule": "constant"}, epochs=150,
@@ -56,7 +57,7 @@ def test_tiny_model_overfits_fixed_batch(tiny_llama):
 
     with tempfile.TemporaryDirectory() as d:
         log = MetricsLog(Path(d) / "metrics.jsonl")
-        train_stage(lm, cfg, spec, spec.args(), items, Path(d), 0, log, lambda: {})
+        train_stage(lm, cfg, spec, spec.args(), items, Path(d), 0, log, lambda step: {})
         losses = [r["loss"] for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
 
@@ -85,13 +86,14 @@ def test_lora_trains_only_adapter_and_keeps_base_bit_identical(tiny_llama, tmp_p
     assert result["stages"][0]["parameterization"] == "lora"
 
 
-def test_resumed_run_matches_uninterrupted(tiny_llama, tmp_path):
+def test_resumed_run_matches_uninterrupted(tiny_llama, tmp_path, precision):
+    """Bit-identical in fp32 and in bf16 (autocast), on the machine that runs both."""
     data = write_pairs(tmp_path / "pairs.tsv")
-    full = parse_run_config(run_config(tiny_llama, tmp_path / "full", data, save_every_steps=2,
+    full = parse_run_config(run_config(tiny_llama, tmp_path / "full", data, precision, save_every_steps=2,
                                        parameterization={"method": "lora", "lora": {"r": 4, "dropout": 0.1}}))
     run(full)
     # Interrupted: stop after 3 steps (max_steps), then resume the same config to the end.
-    part_cfg = run_config(tiny_llama, tmp_path / "part", data, save_every_steps=2,
+    part_cfg = run_config(tiny_llama, tmp_path / "part", data, precision, save_every_steps=2,
                           parameterization={"method": "lora", "lora": {"r": 4, "dropout": 0.1}})
     cfg = parse_run_config(part_cfg)
     import postlab.train as train_mod
@@ -126,10 +128,21 @@ def test_checkpoint_reload_gives_same_eval(tiny_llama, tmp_path):
     data = write_pairs(tmp_path / "pairs.tsv")
     cfg = parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=1))
     result = run(cfg)
-    lm = load_lm(str(tmp_path / "run" / "0-sft" / "model"))
+    lm = load_lm(str(tmp_path / "run" / "0-sft" / "model"), device="cpu", precision="fp32")
     task = get_task(TaskConfig(name="paraphrase", train=str(data), dev=str(data), dev_limit=8))
-    again = task.evaluate(lm)
+    again = task.evaluate(lm, tmp_path / "again")
     assert again == result["metrics"]
+    # the run kept its final and its starting (zero-shot) evaluation, each with per-example statistics
+    # that give back the corpus metrics
+    from postlab.metrics import read_per_example
+
+    final, start = read_per_example(tmp_path / "run" / "0-sft" / "eval"), read_per_example(tmp_path / "run" / "0-sft" / "eval-start")
+    assert len(final.ids) == len(start.ids) == 8
+    for m in ("accuracy", "macro_f1", "predicted_yes_rate"):
+        assert final.value(m) == pytest.approx(result["metrics"][m], abs=1e-12), m
+    zero = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert zero["step"] == 0 and start.value("accuracy") == pytest.approx(zero["accuracy"])
+    assert result["task"] == "paraphrase" and result["precision"] == "fp32" and result["cpu"]
 
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
@@ -161,7 +174,7 @@ def test_existing_run_needs_resume_flag(tiny_llama, tmp_path):
 def test_max_completion_tokens_cuts_training_answers_without_eos(tiny_llama):
     from postlab.data import Pair
 
-    lm = load_lm(str(tiny_llama))
+    lm = load_lm(str(tiny_llama), device="cpu", precision="fp32")
     pairs = [Pair("Continue:", " one two three four five six seven", " a b", "x")]
     full, _ = tokenize(pairs, lm.tokenizer, 128)
     cut, _ = tokenize(pairs, lm.tokenizer, 128, max_completion_tokens=3)
@@ -178,7 +191,7 @@ def test_a_stage_trains_on_answers_cut_to_max_completion_tokens(tiny_llama, tmp_
 
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"prompt": "Tell a story:", "completion": " once upon a time" * 10}) + "\n")
-    lm = load_lm(str(tiny_llama))
+    lm = load_lm(str(tiny_llama), device="cpu", precision="fp32")
     stage = StageConfig(task={"name": "file", "train": str(data), "max_completion_tokens": 5})
     _, _, items = stage_items(lm, stage)
     assert [len(c) for c in items[0].completions] == [5]
@@ -191,5 +204,6 @@ def test_max_steps_zero_evaluates_the_starting_model_only(tiny_llama, tmp_path):
     assert stage["steps"] == 0 and 0 <= stage["metrics"]["accuracy"] <= 1
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["split"] for r in rows] == ["dev"] and rows[0]["step"] == 0
+    assert (tmp_path / "run" / "0-sft" / "eval" / "per_example.jsonl").is_file()  # the stage's result, not a start
     assert torch.equal(load_file(str(tmp_path / "run" / "0-sft" / "model" / "model.safetensors"))["model.norm.weight"],
                        load_file(str(tiny_llama / "model.safetensors"))["model.norm.weight"])

@@ -151,7 +151,8 @@ def cached_evaluation(lm: LM, settings: dict, out_dir: Path, compute: Callable[[
     from . import __version__
     from .checkpoint import atomic_write_json
 
-    key = cache_key(lm, [], {"role": "evaluation", "postlab": __version__, **settings})
+    # per_example 2: evaluations write per-example statistics (postlab.metrics); older entries lack them
+    key = cache_key(lm, [], {"role": "evaluation", "postlab": __version__, "per_example": 2, **settings})
     entry = cache_dir() / "eval" / key
     metrics_file = entry / "metrics.json"
     if metrics_file.is_file():

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import PostlabError
+from .errors import ConfigError, PostlabError
 
 log = logging.getLogger("postlab")
 
@@ -186,7 +186,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import demo
 
-    return demo(a.data, study_dir=a.study_dir)
+    return demo(a.data, **({"study_file": a.study} if a.study else {}), study_dir=a.study_dir)
 
 
 def cmd_study(a: argparse.Namespace) -> int:
@@ -212,6 +212,7 @@ def cmd_study(a: argparse.Namespace) -> int:
 
         estimates, notes = estimate(mine, measure=a.measure)
         print(st.format_plan(study, mine, study_dir, estimates, notes, shard, total=len(runs)))
+        print(power_section(study, runs, study_dir, a.variance_from))
         return 1 if notes["unavailable"] else 0
     try:
         outcome = st.run_study(study, study_dir, shard, runs=runs, progress=not a.no_progress)
@@ -221,6 +222,19 @@ def cmd_study(a: argparse.Namespace) -> int:
         return 130
     print(st.format_outcome(outcome, shard))
     return 1 if outcome.failed else 0
+
+
+def power_section(study, runs, study_dir: Path, variance_from: str | None) -> str:
+    from .power import components_from, format_power, planned_comparisons, power_table
+
+    sources = []
+    if variance_from:
+        if not (Path(variance_from) / "runs").is_dir():
+            raise ConfigError(f"--variance-from {variance_from}: not a study directory (no runs/ in it)")
+        sources.append((f"measured in {variance_from}", components_from(Path(variance_from))))
+    if (study_dir / "runs").is_dir():
+        sources.append((f"measured in {study_dir} (runs done so far)", components_from(study_dir)))
+    return format_power(power_table(planned_comparisons(study, runs), sources))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,9 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     mg.set_defaults(fn=cmd_merge)
 
-    d = sub.add_parser("demo", help="the main job: studies/quick.yaml on the embedded model and the shared data")
+    d = sub.add_parser("demo", help="the main job: studies/demo.yaml (FFT vs LoRA, 3 seeds) on the embedded model "
+                                    "and the shared data")
     d.add_argument("--data", default="../shared/data")
-    d.add_argument("--study-dir", default=None, help="where the study's runs and report go (default runs/quick)")
+    d.add_argument("--study", default=None, help="another study file to run the same way (default studies/demo.yaml)")
+    d.add_argument("--study-dir", default=None, help="where the study's runs and report go (default runs/demo)")
     d.set_defaults(fn=cmd_demo)
 
     st = sub.add_parser("study", help="plan, run and report a study: a grid of runs (studies/*.yaml)")
@@ -343,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     ss.choices["plan"].add_argument("--measure", action="store_true",
                                     help="time a few training steps of the configured model here for the estimate")
     ss.choices["plan"].add_argument("--json", action="store_true", help="print the runs and their full configs as JSON")
+    ss.choices["plan"].add_argument("--variance-from", metavar="DIR",
+                                    help="a study directory whose measured variances size this study's power "
+                                         "(default: runs of this study already done, else the tasks' stated defaults)")
     ss.choices["run"].add_argument("--no-progress", action="store_true", help="no progress bars")
     q = ss.add_parser("report", help="write <dir>/report/report.md with tables, plots and paired comparisons")
     q.add_argument("dir", help="a study directory (holding runs/)")

@@ -127,9 +127,18 @@ def token_logps(lm: LM, items: list, batch_size: int, desc: str | None = None, t
 def completion_nll(lm: LM, examples: list[Example], batch_size: int, overlength: str = "refuse",
                    append_eos: bool = True, source: str = "dev") -> tuple[float, int]:
     """(total NLL, number of tokens) of the completions given their prompts, over completion tokens."""
+    per = completion_nll_per_example(lm, examples, batch_size, overlength, append_eos, source)
+    return float(sum(n for n, _ in per)), int(sum(t for _, t in per))
+
+
+def completion_nll_per_example(lm: LM, examples: list[Example], batch_size: int, overlength: str = "refuse",
+                               append_eos: bool = True, source: str = "dev") -> list[tuple[float, int]]:
+    """Per example, in order: (NLL of its completion given its prompt, number of completion tokens)."""
     items, _ = tokenize(examples, lm.tokenizer, lm.max_length, overlength, append_eos=append_eos, source=source)
-    total, count = 0.0, 0
-    for _, logps, mask in score_all(lm, items, batch_size):
-        total -= float(logps[mask].double().sum())
-        count += int(mask.sum())
-    return total, count
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(items)
+    for idx, logps, mask in score_all(lm, items, batch_size):
+        nll = -(logps.double() * mask).sum(-1).cpu()
+        count = mask.sum(-1).cpu()
+        for b, i in enumerate(idx):  # one completion per example: row b
+            out[i] = (float(nll[b]), int(count[b]))
+    return out

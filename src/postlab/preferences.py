@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from .checkpoint import atomic_write_json
-from .config import GenerationConfig, PairsConfig
+from .config import PairsConfig
 from .data import Pair
 from .errors import ConfigError, DataError
 from .generate import generate

@@ -47,6 +47,19 @@ def versions() -> dict[str, str]:
             "peft": peft.__version__, "postlab_commit": commit or "unknown"}
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its bf16 support (what decides speed and `precision: auto` here)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    native = [label for flag, label in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in flags]
+    return f"{name} ({', '.join(native) if native else 'no native bf16'})"
+
+
 def stage_dir(out: Path, i: int, stage: StageConfig) -> Path:
     return out / f"{i}-{stage.name}"
 
@@ -179,9 +192,9 @@ def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
             pending = None
         stages.append(run_stage(lm, cfg, i, stage, sdir, metrics, last=last))
         register_stage(cfg, i, sdir)
-    result = {"run_id": out.name, "metrics": stages[-1]["metrics"], "stages": stages,
+    result = {"run_id": out.name, "task": cfg.stages[-1].task.name, "metrics": stages[-1]["metrics"], "stages": stages,
               "wall_s": round(time.perf_counter() - t0, 2), "device": stages[-1].get("device"),
-              "versions": versions()}
+              "precision": lm.precision, "cpu": cpu_name(), "versions": versions()}
     if dist.is_main():
         atomic_write_json(out / "result.json", result)
     dist.barrier()
@@ -292,9 +305,12 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
     eval_settings = {"task": stage.task.evaluation_settings(), "batch_size": stage.eval_batch_size,
                      **({"records": records_fingerprint(stage.task)} if stage.task.score_records else {})}
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(step: int) -> dict[str, float]:
         faults.point("eval")
-        return cached_evaluation(lm, eval_settings, sdir / "eval",
+        # The starting model's evaluation (the zero-shot one in a run's first stage) keeps its own
+        # files: a study report compares trained arms with it example by example.
+        start = step == 0 and stage.max_steps != 0  # (max_steps: 0 evaluates the start model as the stage's result)
+        return cached_evaluation(lm, eval_settings, sdir / ("eval-start" if start else "eval"),
                                  lambda out: evaluate_task(task, lm, out, stage.eval_batch_size))
 
     prepare_s = round(time.perf_counter() - t_prepare, 2)  # data, sampled pairs, reference pass
@@ -305,7 +321,7 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
                           parallel=cfg.parallel)
     if start is not None:
         extrapolate_in_place(lm.model, start, stage.expo_lambda)
-        summary["metrics"] = evaluate()
+        summary["metrics"] = evaluate(summary["steps"])
         metrics.write({"stage": stage.name, "split": "dev", "step": summary["steps"], "expo_lambda": stage.expo_lambda,
                        **summary["metrics"]})
     if stage.save_model or not last:  # later stages (and their resumption) start from this model

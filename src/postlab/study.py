@@ -18,7 +18,8 @@ A study file (``studies/*.yaml``)::
         "sft->dpo": {stages: [{name: sft}, {name: dpo, objective: {name: dpo, beta: 0.1}}]}
       optim.lr: [1.0e-5, 2.0e-5]     # a *scalar* axis: the axis name is a dotted config key
       seed: [0, 1, 2]
-    win_rate_vs: {method: teacher}   # optional; the report adds win_rate_vs_teacher (see postlab.report)
+    win_rate_vs: {method: teacher}   # optional; the report adds win_rate_vs_teacher (see postlab.results)
+    metrics: [dev_loss, chrf]        # optional; the metrics compared (default: each task's primary ones)
     exclude:                         # partial assignments: drop every run that matches one
       - {task: sonnets, optim.lr: 1.0e-5}
     include:                         # partial assignments: add back every run that matches one
@@ -89,7 +90,8 @@ from .estimate import RunEstimate, human_n, human_s
 
 log = logging.getLogger("postlab")
 
-STUDY_KEYS = ("name", "description", "output_dir", "base", "axes", "exclude", "include", "overrides", "win_rate_vs")
+STUDY_KEYS = ("name", "description", "output_dir", "base", "axes", "exclude", "include", "overrides", "win_rate_vs",
+              "metrics")
 RUN_FIELDS = set(RunConfig.model_fields)
 STAGE_FIELDS = set(StageConfig.model_fields)
 BY_STAGE = "by_stage"
@@ -214,6 +216,9 @@ def load_study(path: str | Path) -> Study:
         if not isinstance(versus, dict) or not versus:
             raise ConfigError(f"{where}: win_rate_vs: expected {{axis: value, ...}} naming the runs to compare with")
         _assignment(versus, axes, f"{where}: win_rate_vs", new_ok=False)
+    metrics = tree.get("metrics")  # read by the report and the planner; checked here
+    if metrics is not None and not (isinstance(metrics, list) and metrics and all(isinstance(m, str) for m in metrics)):
+        raise ConfigError(f"{where}: metrics: expected a list of metric names to compare, e.g. [dev_loss, chrf]")
     overrides = []
     for i, o in enumerate(_as_list(tree.get("overrides"), f"{where}: overrides")):
         w = f"{where}: overrides[{i}]"

@@ -129,7 +129,7 @@ def make_optimizer(model: torch.nn.Module, cfg: StageConfig, total_steps: int, f
 
 
 def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveArgs, items: list[Tokenized],
-                stage_dir: Path, seed: int, metrics: MetricsLog, evaluate: Callable[[], dict[str, float]],
+                stage_dir: Path, seed: int, metrics: MetricsLog, evaluate: Callable[[int], dict[str, float]],
                 reference: list[list[torch.Tensor]] | None = None,
                 teacher: list[list[torch.Tensor]] | None = None,
                 topk: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None,
@@ -185,7 +185,7 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
         with par.whole_model(lm):
             if dist.is_main():  # the other processes wait at the barrier
                 t = time.perf_counter()
-                last_eval = evaluate()
+                last_eval = evaluate(step)
                 metrics.write({"stage": cfg.name, "split": "dev", "step": step, "epoch": round(ep_float, 4),
                                "eval_s": round(time.perf_counter() - t, 2), **last_eval})
             dist.barrier()

@@ -4,7 +4,6 @@ Register a task with ``@register_task``; a stage names it in ``task.name``.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -12,10 +11,10 @@ from typing import ClassVar
 from ..config import TaskConfig
 from ..data import Example, Pair
 from ..errors import ConfigError, DataError
+from ..metrics import PER_EXAMPLE, MetricSpec, write_per_example  # noqa: F401 (PER_EXAMPLE: re-exported)
 from ..models import LM
 
 
-PER_EXAMPLE = "per_example.jsonl"  # written by Task.write_scores into the evaluation's folder
 
 
 def data_dir() -> Path:
@@ -48,6 +47,8 @@ class Task:
     name: ClassVar[str]
     append_eos: ClassVar[bool] = True  # end completions with EOS (generative tasks learn to stop)
     primary_metric: ClassVar[str]
+    # Metrics whose per-example statistics the evaluation writes (see postlab.metrics).
+    metric_specs: ClassVar[dict[str, MetricSpec]] = {}
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -66,14 +67,12 @@ class Task:
     def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
         raise NotImplementedError
 
-    def write_scores(self, out_dir: Path | None, scores: dict[str, float]) -> None:
-        """The task metric per dev example (id -> score, higher is better) as ``per_example.jsonl``:
-        what a study report compares example by example (win rates against another row)."""
-        if out_dir is None:
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / PER_EXAMPLE, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"id": str(i), "score": float(v)}) + "\n" for i, v in scores.items())
+    def write_per_example(self, out_dir: Path | None, records: list[dict]) -> None:
+        """Per dev example: ``id``, ``score`` (the task's headline score of that example, higher is
+        better: what win rates compare) and ``stats`` {metric: vector} for each metric in
+        ``metric_specs``, from which any subset of the dev set gives the corpus metric
+        (postlab.metrics): what a study report's paired tests resample."""
+        write_per_example(out_dir, records, self.metric_specs)
 
     @staticmethod
     def limit(items: list, n: int | None) -> list:

@@ -25,9 +25,10 @@ import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..data import Example, Pair, tokenize
+from ..data import Example, Pair
 from ..errors import ConfigError, DataError
-from ..logprobs import completion_nll
+from ..logprobs import completion_nll_per_example
+from ..metrics import MetricSpec
 from ..models import LM
 from . import Task, read_text, register_task, require_file
 
@@ -222,6 +223,8 @@ class FileTask(Task):
     name = "file"
     append_eos = True
     primary_metric = "loss"  # lower is better
+    metric_specs = {"loss": MetricSpec("ratio", higher_is_better=False),
+                    "perplexity": MetricSpec("exp_ratio", higher_is_better=False)}
 
     def _source(self, split: str) -> str | None:
         if split not in ("train", "dev"):
@@ -254,8 +257,12 @@ class FileTask(Task):
         if self.cfg.dev is None:
             return {}
         examples = self.dev_examples()
-        nll, tokens = completion_nll(lm, examples, batch_size, self.cfg.overlength, self.append_eos,
-                                     source=self.cfg.dev)
+        per_nll = completion_nll_per_example(lm, examples, batch_size, self.cfg.overlength, self.append_eos,
+                                             source=self.cfg.dev)
+        nll, tokens = sum(n for n, _ in per_nll), sum(t for _, t in per_nll)
         loss = nll / tokens
+        # Per example: the completion's mean log-likelihood per token as its score (higher is better).
+        self.write_per_example(out_dir, [{"id": ex.id, "score": -n / t, "stats": {"loss": [n, float(t)], "perplexity": [n, float(t)]}}
+                                         for ex, (n, t) in zip(examples, per_nll)])
         return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
                 "tokens": float(tokens), "n": float(len(examples))}

@@ -1,0 +1,159 @@
+"""What a study compares, and what it found.
+
+* Between arms: for every axis but seed and task with 2+ values, each pair of its values (A, B),
+  over runs that agree on every other axis, paired on seed and on dev example
+  (:func:`postlab.paired.compare_arms`; a paired t-test over seeds where runs lack per-example
+  statistics). Holm's correction runs over all of them: they are the study's family of questions.
+* Against baselines: each group of runs against its own starting (zero-shot) model, a second
+  family with its own Holm correction.
+* Findings: plain sentences for the comparisons significant after Holm, or, where none is, the
+  largest difference the data rule out.
+
+The metrics compared are each task's primary metrics, or the study file's ``metrics`` list.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import results as R
+from .metrics import PerExample
+from .paired import compare_arms, compare_seed_values
+from .stats import format_p, holm
+
+# Which way is better for the metrics tasks report (used where per-example specs are absent).
+LOWER_IS_BETTER = ("loss", "dev_loss", "perplexity")
+
+
+def evaluations(df: pd.DataFrame, study_dir: Path, start: bool = False) -> dict[str, PerExample | None]:
+    """run id -> its final (or starting) evaluation's per-example statistics."""
+    return {rid: R.evaluation(study_dir / "runs" / rid, start) for rid in df["run_id"]}
+
+
+def _seed_evals(g: pd.DataFrame, evals: dict[str, PerExample | None], metric: str) -> dict[Any, PerExample] | None:
+    """seed -> evaluation for one arm, or None unless every run has per-example stats of `metric`."""
+    out = {}
+    for _, row in g.iterrows():
+        e = evals.get(row["run_id"])
+        if e is None or metric not in e.stats:
+            return None
+        out[row[R.SEED] if R.SEED in g.columns else 0] = e
+    return out
+
+
+def higher_is_better(metric: str, evals: dict[Any, PerExample] | None = None) -> bool:
+    if evals:
+        spec = next(iter(evals.values())).specs.get(metric)
+        if spec is not None:
+            return spec.higher_is_better
+    return not (metric in LOWER_IS_BETTER or metric.endswith("_loss"))
+
+
+def _test(ga: pd.DataFrame, gb: pd.DataFrame, metric: str, evals_a, evals_b, alpha: float, a: str, b: str) -> dict:
+    ea, eb = _seed_evals(ga, evals_a, metric), _seed_evals(gb, evals_b, metric)
+    if ea and eb:
+        res = compare_arms(ea, eb, metric, alpha=alpha, name_a=a, name_b=b)
+    else:
+        res = compare_seed_values(R.seed_values(ga, metric), R.seed_values(gb, metric), alpha=alpha, name_a=a, name_b=b)
+    res["higher_is_better"] = higher_is_better(metric, ea or eb)
+    return res
+
+
+def _with_holm(rows: list[dict], alpha: float) -> pd.DataFrame:
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out.insert(out.columns.get_loc("p_value") + 1, "p_holm", holm(out["p_value"]))
+    out["significant_holm"] = out["p_holm"] < alpha
+    return out
+
+
+def paired_comparisons(df: pd.DataFrame, alpha: float = 0.05, study_dir: Path | None = None,
+                       evals: dict[str, PerExample | None] | None = None) -> pd.DataFrame:
+    """One row per (axis, A, B, other axes, metric): n (seeds), n_examples, mean_diff (A − B),
+    se, df, ci_low, ci_high, p_value, p_holm, equivalence_bound, test, significant (unadjusted),
+    significant_holm, verdict, higher_is_better. Tasks are not compared with each other."""
+    if evals is None:
+        evals = evaluations(df, study_dir) if study_dir is not None else {}
+    group_axes = [a for a in R.group_axes(df) if a != R.TASK]
+    rows = []
+    for axis in group_axes:
+        values = R.sorted_values(df[axis])
+        if len(values) < 2:
+            continue
+        others = [a for a in group_axes if a != axis]
+        for task in R.tasks_of(df):
+            for key, ctx in R.groups(R.task_rows(df, task), others):
+                ctx_label = R.label(key, others) if others else ""
+                metrics = R.primary_metrics(task, R.with_attrs(ctx, df))
+                for va, vb in itertools.combinations(values, 2):
+                    ga, gb = ctx[ctx[axis] == va], ctx[ctx[axis] == vb]
+                    if ga.empty or gb.empty:
+                        continue
+                    for m in metrics:
+                        res = _test(ga, gb, m, evals, evals, alpha, str(va), str(vb))
+                        rows.append({"axis": axis, "a": va, "b": vb, "context": ctx_label, "task": task, "metric": m, **res})
+    return _with_holm(rows, alpha)
+
+
+def baseline_comparisons(df: pd.DataFrame, study_dir: Path, alpha: float = 0.05,
+                         evals: dict[str, PerExample | None] | None = None) -> pd.DataFrame:
+    """Each group (all axes but seed) against its runs' starting models (zero-shot where the runs
+    start from a base model), paired on seed and example: same columns as paired_comparisons,
+    with ``group`` naming the group; Holm over these rows."""
+    evals = evaluations(df, study_dir) if evals is None else evals
+    starts = evaluations(df, study_dir, start=True)
+    by = [a for a in R.group_axes(df) if a != R.TASK]
+    rows = []
+    for task, (key, g) in ((t, kg) for t in R.tasks_of(df) for kg in R.groups(R.task_rows(df, t), by)):
+        for m in R.primary_metrics(task, R.with_attrs(g, df)):
+            zero = g.assign(**{m: g[f"{R.ZERO_SHOT}.{m}"]}) if f"{R.ZERO_SHOT}.{m}" in g.columns else None
+            if zero is None or zero[m].isna().all():
+                continue
+            res = _test(g, zero, m, evals, starts, alpha, "trained", "zero-shot")
+            rows.append({"group": R.label(key, by), "a": "trained", "b": "zero-shot",
+                         "task": task, "metric": m,
+                         "zero_shot": float(zero[m].mean()), **res})
+    return _with_holm(rows, alpha)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:+.3g}" if math.isfinite(x) else "n/a"
+
+
+def findings(comp: pd.DataFrame, alpha: float = 0.05) -> list[str]:
+    """Plain sentences: each comparison significant after Holm's correction; where there is none,
+    the comparisons whose data rule out the smallest differences."""
+    if comp.empty:
+        return []
+    out = []
+    for _, r in comp[comp["significant_holm"]].sort_values("p_holm").iterrows():
+        where = f"On {r['task']}" if not R.missing(r["task"]) else "Here"
+        if r["context"]:
+            where += f" ({r['context']})"
+        up = r["mean_diff"] > 0
+        better = up == bool(r["higher_is_better"])
+        word = ("higher" if up else "lower")
+        out.append(f"{where}, {r['a']} {'beats' if better else 'falls behind'} {r['b']}: {word} {r['metric']} by "
+                   f"{abs(r['mean_diff']):.3g} ({r['a']} − {r['b']} = {_fmt(r['mean_diff'])}, 95% CI "
+                   f"{_fmt(r['ci_low'])} to {_fmt(r['ci_high'])}; {_size(r)}; Holm-adjusted {format_p(r['p_holm'])}).")
+    if out:
+        return out
+    tested = comp[comp["equivalence_bound"].map(lambda x: isinstance(x, float) and math.isfinite(x))]
+    for _, r in tested.sort_values("equivalence_bound").head(3).iterrows():
+        where = f"on {r['task']}" if not R.missing(r["task"]) else "here"
+        out.append(f"No difference found {where} between {r['a']} and {r['b']}"
+                   + (f" ({r['context']})" if r["context"] else "")
+                   + f" in {r['metric']}: the data rule out differences larger than {r['equivalence_bound']:.3g} "
+                   f"({r['a']} − {r['b']} = {_fmt(r['mean_diff'])}, 95% CI {_fmt(r['ci_low'])} to {_fmt(r['ci_high'])}; "
+                   f"{_size(r)}; {format_p(r['p_value'])}).")
+    return out
+
+
+def _size(r: pd.Series) -> str:
+    seeds = f"{int(r['n'])} seed{'s' if r['n'] != 1 else ''}"
+    return seeds + (f" × {int(r['n_examples'])} dev examples" if r.get("n_examples") else "")
