@@ -21,8 +21,7 @@ PLOTS = {
     "paired_comparisons.png": "Paired differences A − B with 95% CIs (seed x example tests); red: significant after "
                               "Holm's correction, grey: not (the CI then shows which differences the data allow)",
     "learning_curves.png": "Training loss per run (one line per seed, coloured by group)",
-    "wall_clock.png": "Wall-clock time per group (mean over seeds, stacked by stage; "
-                      "error bar: 95% CI of the total)",
+    "wall_clock.png": "Wall-clock time per group (bars: mean over seeds, stacked by stage; dots: each run's total)",
 }
 
 
@@ -171,13 +170,14 @@ def _plot_wall(df: pd.DataFrame) -> Figure | None:
             name = "other (eval, loading)" if stage_cols else "total"
             ax.barh(y, other, left=left, color="0.7", label=name if name not in seen else None)
             seen.add(name)
-        if not math.isnan(total["ci_low"]):
-            ax.errorbar(total["mean"], y, xerr=[[total["mean"] - total["ci_low"]],
-                                                [total["ci_high"] - total["mean"]]],
-                        color="black", capsize=3)
+        # each run's total as a dot: wall times are skewed (a run that shared the cores), so no t-interval
+        runs = g["wall_s"].dropna().to_numpy(dtype=float)
+        ax.scatter(runs, np.full(runs.size, y), s=14, color="black", zorder=3,
+                   label="one run" if "one run" not in seen else None)
+        seen.add("one run")
     ax.set_yticks(range(len(groups)), [R.label(k, by) for k, _ in groups], fontsize="small")
     ax.invert_yaxis()
-    ax.set_xlabel("wall-clock seconds per run (mean over seeds)")
+    ax.set_xlabel("wall-clock seconds per run (bars: mean over seeds, by stage; dots: each run)")
     ax.grid(axis="x", alpha=0.3)
     handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
     order = sorted(handles, key=lambda lab: lab.startswith(("other", "total")))  # stages first
