@@ -107,9 +107,9 @@ def test_dev_reference_mismatch(tmp_path):
     prompts = tmp_path / "prompts.txt"
     refs = tmp_path / "refs.txt"
     prompts.write_text(folger((5, "a\nb\nc"), (6, "d\ne\nf")))
-    refs.write_text(folger((5, "a\nb\nc\nx\ny"), (7, "d\ne\nf\nx\ny")))
+    refs.write_text(folger((5, "a\nb\nc\nx\ny"), (7, "d\nE\nf\nx\ny")))
     task = get_task(TaskConfig(name="sonnets", dev=str(prompts), dev_reference=str(refs)))
-    with pytest.raises(DataError, match="entry 2 is sonnet 6 in the prompts but 7") as e:
+    with pytest.raises(DataError, match="prompt 6 \\(paired by order with sonnet 7\\): the prompt lines differ") as e:
         task.dev_examples()
     assert "prompts.txt" in str(e.value) and "refs.txt" in str(e.value)
     refs.write_text(folger((5, "a\nb\nc\nx\ny")))
@@ -118,6 +118,20 @@ def test_dev_reference_mismatch(tmp_path):
     refs.write_text(folger((5, "a\nb\nc\nx\ny"), (6, "d\nE\nf\nx\ny")))
     with pytest.raises(DataError, match="sonnet 6: the prompt lines differ"):
         task.dev_examples()
+
+
+def test_files_numbered_differently_pair_by_order(tmp_path, caplog):
+    """The course's held-out files: a `--Generated Sonnets--` header and sonnets numbered from 0 in the
+    prompts, while the references keep the Folger numbers."""
+    prompts = tmp_path / "prompts.txt"
+    refs = tmp_path / "refs.txt"
+    prompts.write_text("--Generated Sonnets--\n\n" + folger((0, "a\nb\nc"), (1, "d\ne\nf")))
+    refs.write_text(folger((132, "a\nb\nc\nx\ny"), (133, "d\ne\nf\nz\nw")))
+    task = get_task(TaskConfig(name="sonnets", dev=str(prompts), dev_reference=str(refs)))
+    with caplog.at_level("INFO", logger="postlab"):
+        dev = task.dev_examples()
+    assert [e.id for e in dev] == ["132", "133"] and dev[1].completion == "z\nw"
+    assert "paired by order" in caplog.text
 
 
 def test_cut_continuation():

@@ -24,6 +24,7 @@ Metrics (`evaluate`):
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -35,6 +36,8 @@ from ..logprobs import completion_nll_per_example
 from ..metrics import MetricSpec, chrf_stats
 from ..models import LM
 from . import Task, data_dir, read_text, register_task, require_file
+
+log = logging.getLogger("postlab")
 
 PROMPT_LINES = 3
 SONNET_LINES = 14
@@ -127,20 +130,23 @@ class Sonnets(Task):
         return self.limit([self.example(n, lines) for n, lines in sonnets], self.cfg.train_limit)
 
     def held_out(self) -> list[tuple[int, list[str]]]:
-        """(number, true lines) of the dev sonnets, checked against the prompt file: same numbers in
-        the same order, and each prompt equal to the first 3 lines of its reference."""
+        """(number, true lines) of the dev sonnets, checked against the prompt file: the same sonnets in
+        the same order, each prompt equal to the first 3 lines of its reference. Files that number
+        their sonnets differently (the course's held-out files number theirs from 0 under a
+        `--Generated Sonnets--` header) pair up by order when the counts match; the log says so."""
         prompt_path, ref_path = self._path("dev"), self._path("dev_reference")
         prompts = parse_sonnets(prompt_path, min_lines=PROMPT_LINES)
         refs = parse_sonnets(ref_path)
-        if [n for n, _ in prompts] != [n for n, _ in refs]:
-            detail = next(((i, p, r) for i, ((p, _), (r, _)) in enumerate(zip(prompts, refs)) if p != r), None)
-            where = (f"entry {detail[0] + 1} is sonnet {detail[1]} in the prompts but {detail[2]} in the references"
-                     if detail else f"{len(prompts)} prompts but {len(refs)} references")
+        if len(prompts) != len(refs):
             raise DataError(f"{prompt_path} and {ref_path}: prompts and references must hold the same sonnets in "
-                            f"the same order; {where}")
-        for (number, p_lines), (_, r_lines) in zip(prompts, refs):
+                            f"the same order; {len(prompts)} prompts but {len(refs)} references")
+        if [n for n, _ in prompts] != [n for n, _ in refs]:
+            log.info("sonnets: %s and %s number their sonnets differently (%s... vs %s...); paired by order, "
+                     "checked by their first %d lines", prompt_path, ref_path, prompts[0][0], refs[0][0], PROMPT_LINES)
+        for (p_number, p_lines), (number, r_lines) in zip(prompts, refs):
             if [s.strip() for s in p_lines[:PROMPT_LINES]] != [s.strip() for s in r_lines[:PROMPT_LINES]]:
-                raise DataError(f"{prompt_path}: sonnet {number}: the prompt lines differ from the first "
+                which = f"sonnet {number}" if p_number == number else f"prompt {p_number} (paired by order with sonnet {number})"
+                raise DataError(f"{prompt_path}: {which}: the prompt lines differ from the first "
                                 f"{PROMPT_LINES} lines of sonnet {number} in {ref_path}")
         return self.limit(refs, self.cfg.dev_limit)
 
