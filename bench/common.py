@@ -16,7 +16,7 @@ from postlab.cache import cached_token_logps
 from postlab.config import StageConfig
 from postlab.data import Example, Pair, tokenize
 from postlab.objectives import get_objective
-from postlab.parameterization import apply_parameterization
+from postlab.parameterizations import prepare
 from postlab.train import MetricsLog, train_stage
 
 
@@ -49,7 +49,7 @@ def postlab_stage(lm, objective: str, raw, batch: int, lr: float, append_eos: bo
     cfg = StageConfig(name=objective, task={"name": "file"}, objective=obj, optim={"lr": lr, "batch_size": batch, **(optim or {})},
                       eval_at_start=False, log_every=1, group_by_length=group_by_length,
                       parameterization=parameterization or {"method": "fft"})
-    lm.model = apply_parameterization(lm.model, cfg.parameterization)
+    lm.model, _ = prepare(lm.model, cfg.parameterization)
     with tempfile.TemporaryDirectory() as d:
         items, _ = tokenize(raw, lm.tokenizer, lm.max_length, append_eos=append_eos)
         t0 = time.perf_counter()

@@ -12,8 +12,6 @@ import argparse
 import json
 import platform
 import statistics
-import tempfile
-import time
 from pathlib import Path
 
 import torch

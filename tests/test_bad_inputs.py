@@ -95,7 +95,7 @@ def rerun_without_resume(tmp: Path, model: Path, good: Path):
 
 
 def _reference_cache(tmp: Path, model: Path, good: Path) -> tuple[Path, Path]:
-    cfg = _completed(tmp, model, good, objective="dpo")
+    _completed(tmp, model, good, objective="dpo")  # a finished DPO run leaves its reference cache
     cache = next(Path(p) for p in (tmp / "postlab-cache" / "logps").glob("reference-*.safetensors"))
     tree = good_config(model, good, tmp / "run2", objective="dpo")
     return cache, write_config(tmp / "c2.yaml", tree)

@@ -6,7 +6,7 @@ import torch
 
 from postlab.config import TaskConfig
 from postlab.models import embedded_model_dir, load_lm
-from postlab.parameterization import apply_parameterization, count_parameters
+from postlab.parameterizations import count_parameters, prepare
 from postlab.config import ParameterizationConfig
 from postlab.tasks import get_task
 
@@ -20,7 +20,7 @@ def test_embedded_model_converts_and_loads_as_plain_llama():
     assert type(lm.model).__name__ == "LlamaForCausalLM"
     assert count_parameters(lm.model) == (134_515_008, 134_515_008)
     assert lm.tokenizer.pad_token is not None
-    lora = apply_parameterization(lm.model, ParameterizationConfig(method="lora"))
+    lora, _ = prepare(lm.model, ParameterizationConfig(method="lora"))
     trainable, total = count_parameters(lora)
     assert 0 < trainable < 0.05 * total
 

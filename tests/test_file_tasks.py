@@ -43,7 +43,7 @@ def task(**kw):
 def test_sft_round_trip(tmp_path, ext):
     path = write(tmp_path / f"train.{ext}", SFT)
     t = task(train=path)
-    assert t.primary_metric == "loss" and t.append_eos
+    assert t.primary_metrics == ("loss",) and t.append_eos
     exs = t.train_examples()
     assert [(e.prompt, e.completion, e.id) for e in exs] == [(r["prompt"], r["completion"], r["id"]) for r in SFT]
     assert len(task(train=path, train_limit=2).train_examples()) == 2

@@ -75,7 +75,7 @@ def test_merge_refuses_different_architectures(three_llamas, tmp_path, tokenizer
 
 def test_diagnose_rewards_kl_and_plot(three_llamas, tmp_path, capsys):
     from postlab.data import tokenize
-    from postlab.diagnose import diagnose, position_kl
+    from postlab.diagnose import diagnose
     from postlab.models import load_lm
     from postlab.tasks import get_task
     from postlab.config import TaskConfig

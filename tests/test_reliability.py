@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from postlab.cli import main
 from postlab.config import parse_run_config
 from postlab.errors import ModelError, TrainingError
-from postlab.objectives import REGISTRY, register
+from postlab.objectives import register
 from postlab.objectives.sft import nll
 from postlab.run import run
 from test_kill_resume import outcome

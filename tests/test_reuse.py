@@ -7,9 +7,9 @@ import json
 import torch
 
 from postlab.cache import weights_hash
-from postlab.config import LoraConfig, ParameterizationConfig, parse_run_config
+from postlab.config import ParameterizationConfig, parse_run_config
 from postlab.models import load_lm
-from postlab.parameterization import apply_parameterization
+from postlab.parameterizations import prepare
 from postlab.run import run
 from postlab.tasks.paraphrase import Paraphrase
 
@@ -19,7 +19,7 @@ from test_train import final_weights, run_config, write_pairs
 def test_fresh_lora_hashes_like_its_base_and_trained_lora_does_not(tiny_llama):
     lm = load_lm(str(tiny_llama), device="cpu", precision="fp32")
     base = weights_hash(lm.model)
-    peft = apply_parameterization(lm.model, ParameterizationConfig(method="lora", lora=LoraConfig(r=4)))
+    peft, _ = prepare(lm.model, ParameterizationConfig(method="lora", lora={"r": 4}))
     assert weights_hash(peft) == base
     with torch.no_grad():
         next(p for n, p in peft.named_parameters() if "lora_B" in n).add_(0.01)

@@ -62,7 +62,7 @@ def test_parser_on_real_files(files):
 def test_examples_and_defaults(data_dir, monkeypatch):
     monkeypatch.setenv("POSTLAB_DATA", str(data_dir))
     task = get_task(TaskConfig(name="sonnets"))
-    assert task.primary_metric == "chrf" and task.append_eos
+    assert task.primary_metrics == ("chrf",) and task.append_eos
     train = task.train_examples()
     assert len(train) == 131 and train[0].id == "1"
     ex = train[0]

@@ -84,7 +84,7 @@ def test_grid_expansion_variants_scalars_exclude_include(tmp_path):
     assert r.config.seed == 0
     lora = by_id["regime=sft-to-dpo,param=lora-r8,lr=1e-05,seed=0"].config
     assert [s.parameterization.method for s in lora.stages] == ["lora", "lora"]
-    assert lora.stages[0].parameterization.lora.r == 8
+    assert lora.stages[0].parameterization.model_extra["lora"]["r"] == 8
     assert [s.epochs for s in lora.stages] == [2, 3]  # the override
     assert [s.epochs for s in r.config.stages] == [2, 1]
 
@@ -363,9 +363,13 @@ def test_demo_runs_a_study_on_the_data_dir_and_prints_the_main_table(tmp_path, t
     result = json.loads((tmp_path / "out" / "runs" / "regime=sft" / "result.json").read_text())
     assert result["metrics"]["n"] == 8  # the dev file under --data was read
 
-    with pytest.raises(DataError, match="sonnets/sonnets.txt"):
-        (data / "sonnets" / "sonnets.txt").unlink()
-        demo(str(data), study, str(tmp_path / "out2"))
+    with pytest.raises(DataError, match="no-such-dir: the shared data directory is not there"):
+        demo(str(tmp_path / "no-such-dir"), study, str(tmp_path / "out2"))
+    from postlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quora-dev.tsv"):  # a file the study reads, found missing before training
+        (data / "quora" / "quora-dev.tsv").unlink()
+        demo(str(data), study, str(tmp_path / "out3"))
 
 
 def test_estimate_counts_reused_stages_as_free_and_cut_completions_as_shorter(tmp_path, tiny_llama):

@@ -17,28 +17,14 @@ from . import faults
 from .data import Tokenized
 from .logprobs import token_logps
 from .models import LM, cache_dir
+from .parameterizations import function_state
 
 log = logging.getLogger("postlab")
 
 
-def _function_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that define what `model` computes. A PEFT model whose LoRA adapters are all still
-    zero (fresh: B = 0) computes its base model's function, and is described by the base's tensors
-    under the base's names, so caches of the base model (reference log-probs, evaluations) are
-    shared between FFT and LoRA runs."""
-    sd = model.state_dict()
-    if not hasattr(model, "peft_config"):
-        return sd
-    lora_b = [t for k, t in sd.items() if "lora_B" in k]
-    if not lora_b or any(bool(t.any()) for t in lora_b):
-        return sd
-    return {k.removeprefix("base_model.model.").replace(".base_layer.", "."): t
-            for k, t in sd.items() if "lora_" not in k}
-
-
 def weights_hash(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
-    for name, t in sorted(_function_state(model).items()):
+    for name, t in sorted(function_state(model).items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

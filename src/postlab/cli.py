@@ -7,7 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import GenerationConfig, ModelConfig, StageConfig, TaskConfig
 from .errors import ConfigError, PostlabError
+from .validate import Parser, like, location, number
 
 log = logging.getLogger("postlab")
 
@@ -27,6 +29,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     overrides = list(a.overrides) + ([f"output_dir={a.output_dir}"] if a.output_dir else [])
     cfg = load_run_config(a.config, overrides)
+    if a.resume and not (Path(cfg.output_dir) / "config.yaml").is_file():
+        raise ConfigError(f"--resume: {cfg.output_dir} holds no run to resume (no config.yaml); drop --resume to start it")
     result = run(cfg, resume=a.resume)
     from . import distributed as dist
 
@@ -84,15 +88,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from .models import load_lm
-    from .parameterization import is_peft
-    from .run import save_model
+    from .parameterizations import adapter_of, plain, save_model
 
     lm = load_lm(a.checkpoint, "cpu", "fp32")
-    if a.merge and is_peft(lm.model):
-        lm.model = lm.model.merge_and_unload()
-    elif not a.merge and is_peft(lm.model):
+    if a.merge:
+        lm.model = plain(lm.model)
+    elif adapter_of(lm.model) is not None:
         log.info("exporting the adapter as-is (add --merge for a full checkpoint)")
-    save_model(lm, Path(a.out))
+    save_model(lm.model, lm.tokenizer, Path(a.out), lm.source)
     print(f"wrote {a.out}")
     return 0
 
@@ -101,12 +104,12 @@ def cmd_diagnose(a: argparse.Namespace) -> int:
     from .config import TaskConfig
     from .diagnose import diagnose, format_summary
     from .models import load_lm
-    from .tasks import get_task
+    from .tasks import get_task, records_task
 
     if bool(a.data) == bool(a.task):
         raise PostlabError("diagnose: give --data PAIRS (a prompt/chosen/rejected file) or --task NAME (its dev pairs)")
-    cfg = TaskConfig(name="file", dev=a.data) if a.data else TaskConfig(name=a.task, **({"dev": a.dev} if a.dev else {}))
-    task = get_task(cfg.model_copy(update={"dev_limit": a.limit}))
+    task = (records_task(dev=a.data, dev_limit=a.limit) if a.data else
+            get_task(TaskConfig(name=a.task, dev_limit=a.limit, **({"dev": a.dev} if a.dev else {}))))
     pairs = task.preference_pairs("dev")
     policy = load_lm(a.checkpoint, a.device, a.precision)
     reference = load_lm(a.reference, a.device, a.precision)
@@ -238,7 +241,7 @@ def power_section(study, runs, study_dir: Path, variance_from: str | None) -> st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="postlab", description="Post-train small language models and study the recipes.")
+    p = Parser(prog="postlab", description="Post-train small language models and study the recipes.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -259,28 +262,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", required=True)
     e.add_argument("--dev")
     e.add_argument("--dev-reference")
-    e.add_argument("--dev-limit", type=int)
-    e.add_argument("--max-length", type=int)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--out", help="directory for predictions / generated text")
+    e.add_argument("--dev-limit", type=like(TaskConfig, "dev_limit"))
+    e.add_argument("--max-length", type=like(ModelConfig, "max_length"))
+    e.add_argument("--batch-size", type=like(StageConfig, "eval_batch_size"), default=16)
+    e.add_argument("--out", type=location, help="directory for predictions / generated text")
     e.add_argument("--reference", help="also report implicit-reward accuracy/margin on the dev pairs against this model")
-    e.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward (with --reference)")
+    e.add_argument("--beta", type=number(float, gt=0), default=0.1, help="β of the implicit reward (with --reference)")
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="sample continuations of prompts")
     model_args(g)
     g.add_argument("--prompt", action="append")
     g.add_argument("--prompt-file", help="prompts separated by blank lines")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--max-new-tokens", type=like(GenerationConfig, "max_new_tokens"), default=128)
+    g.add_argument("--temperature", type=like(GenerationConfig, "temperature"), default=1.0)
+    g.add_argument("--top-p", type=like(GenerationConfig, "top_p"), default=0.9)
     g.add_argument("--greedy", action="store_true")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=like(GenerationConfig, "seed"), default=0)
     g.set_defaults(fn=cmd_generate)
 
-    x = sub.add_parser("export", help="write a Hugging Face checkpoint (merging a LoRA adapter with --merge)")
+    x = sub.add_parser("export", help="write a Hugging Face checkpoint (an adapter merged into its base with --merge)")
     x.add_argument("checkpoint")
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", type=location, required=True)
     x.add_argument("--merge", action="store_true")
     x.set_defaults(fn=cmd_export)
 
@@ -290,22 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--data", help="a prompt/chosen/rejected file (JSONL/CSV/Parquet) or hub dataset id")
     dg.add_argument("--task", help="or: a task whose dev pairs to use (paraphrase)")
     dg.add_argument("--dev", help="with --task: its dev file")
-    dg.add_argument("--limit", type=int, help="only the first N pairs")
-    dg.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward")
-    dg.add_argument("--examples", type=int, default=4, help="examples in the Q-view plot")
-    dg.add_argument("--batch-size", type=int, default=16)
-    dg.add_argument("--out", help="output directory (default CHECKPOINT/diagnose)")
+    dg.add_argument("--limit", type=number(int, gt=0), help="only the first N pairs")
+    dg.add_argument("--beta", type=number(float, gt=0), default=0.1, help="β of the implicit reward")
+    dg.add_argument("--examples", type=number(int, ge=0), default=4, help="examples in the Q-view plot")
+    dg.add_argument("--batch-size", type=number(int, gt=0), default=16)
+    dg.add_argument("--out", type=location, help="output directory (default CHECKPOINT/diagnose)")
     dg.set_defaults(fn=cmd_diagnose)
 
     pr = sub.add_parser("prune", help="remove whole decoder layers (uniform or ShortGPT block influence) -> an HF checkpoint")
     pr.add_argument("checkpoint")
-    pr.add_argument("--drop", type=float, default=0.2, help="fraction of decoder layers to remove")
+    pr.add_argument("--drop", type=number(float, gt=0, lt=1), default=0.2, help="fraction of decoder layers to remove")
     pr.add_argument("--method", default="block-influence", choices=["uniform", "block-influence"])
     pr.add_argument("--task", help="calibration texts: this task's training examples (block-influence)")
     pr.add_argument("--prompt-file", help="or calibration texts separated by blank lines")
-    pr.add_argument("--samples", type=int, default=64, help="calibration texts used")
+    pr.add_argument("--samples", type=number(int, gt=0), default=64, help="calibration texts used")
     pr.add_argument("--device", default="auto")
-    pr.add_argument("--out", required=True)
+    pr.add_argument("--out", type=location, required=True)
     pr.set_defaults(fn=cmd_prune)
 
     ds = sub.add_parser("distill", help="teacher->student distillation data")
@@ -316,28 +319,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--task", help="prompts: this task's training prompts (or dev prompts with --split dev)")
     q.add_argument("--split", default="train", choices=["train", "dev"], help="with --task: which prompts")
     q.add_argument("--prompt-file", help="or prompts separated by blank lines")
-    q.add_argument("--limit", type=int, help="only the first N prompts")
-    q.add_argument("--max-new-tokens", type=int, default=128)
-    q.add_argument("--temperature", type=float, default=1.0)
-    q.add_argument("--top-p", type=float, default=0.9)
+    q.add_argument("--limit", type=number(int, gt=0), help="only the first N prompts")
+    q.add_argument("--max-new-tokens", type=like(GenerationConfig, "max_new_tokens"), default=128)
+    q.add_argument("--temperature", type=like(GenerationConfig, "temperature"), default=1.0)
+    q.add_argument("--top-p", type=like(GenerationConfig, "top_p"), default=0.9)
     q.add_argument("--greedy", action="store_true")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=like(GenerationConfig, "seed"), default=0)
     q.add_argument("--device", default="auto")
     q.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    q.add_argument("--out", required=True, help="directory for dsft.jsonl, pairs.jsonl, samples.json")
+    q.add_argument("--out", type=location, required=True, help="directory for dsft.jsonl, pairs.jsonl, samples.json")
     ds.set_defaults(fn=cmd_distill)
 
     mg = sub.add_parser("merge", help="weight-space tools: model soups and ExPO extrapolation -> an HF checkpoint")
     ms = mg.add_subparsers(dest="merge_command", required=True)
     q = ms.add_parser("soup", help="(weighted) average of checkpoints of the same base; adapters are merged first")
     q.add_argument("checkpoints", nargs="+")
-    q.add_argument("--weights", type=float, nargs="+", help="one per checkpoint (normalized to sum 1); default uniform")
-    q.add_argument("--out", required=True)
+    q.add_argument("--weights", type=number(float, ge=0, allow_inf_nan=False), nargs="+",
+                   help="one per checkpoint (normalized to sum 1); default uniform")
+    q.add_argument("--out", type=location, required=True)
     q = ms.add_parser("expo", help="ExPO: θ = θ_sft + λ(θ_dpo − θ_sft)")
     q.add_argument("--sft", required=True, help="the SFT checkpoint (ExPO's starting point)")
     q.add_argument("--dpo", required=True, help="the aligned checkpoint trained from it")
-    q.add_argument("--lam", type=float, required=True, help="λ: 0 = SFT, 1 = DPO, >1 extrapolates")
-    q.add_argument("--out", required=True)
+    q.add_argument("--lam", type=number(float, allow_inf_nan=False), required=True, help="λ: 0 = SFT, 1 = DPO, >1 extrapolates")
+    q.add_argument("--out", type=location, required=True)
     mg.set_defaults(fn=cmd_merge)
 
     d = sub.add_parser("demo", help="the main job: studies/demo.yaml (FFT vs LoRA, 3 seeds) on the embedded model "
@@ -365,14 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     ss.choices["run"].add_argument("--no-progress", action="store_true", help="no progress bars")
     q = ss.add_parser("report", help="write <dir>/report/report.md with tables, plots and paired comparisons")
     q.add_argument("dir", help="a study directory (holding runs/)")
-    q.add_argument("--out", help="output directory (default <dir>/report)")
-    q.add_argument("--alpha", type=float, default=0.05)
+    q.add_argument("--out", type=location, help="output directory (default <dir>/report)")
+    q.add_argument("--alpha", type=number(float, gt=0, lt=1), default=0.05)
     q.set_defaults(fn=cmd_study)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as e:  # a usage error: reported like every other bad input
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     _setup_logging(args.verbose)
     try:
         return args.fn(args)

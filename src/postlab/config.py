@@ -26,20 +26,24 @@ class ModelConfig(Strict):
     max_length: int | None = Field(None, gt=0)  # None: the model's context length
 
 
-class LoraConfig(Strict):
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    # PEFT's default. On CPU a dropout > 0 costs about what LoRA saves: an SFT stage took 0.93x the
-    # time of full fine-tuning with dropout 0.05 and 0.62x without (bench/results/lora_speed.json).
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+class ParameterizationConfig(BaseModel):
+    """`method` (a registered parameterization: fft, lora, dora, ...), the method's own options under
+    its name (e.g. `lora: {r: 8}`), and what happens to an adapter an earlier stage trained: keep
+    training it (`continue`, when this stage uses the same method) or merge it into the weights first."""
 
-
-class ParameterizationConfig(Strict):
-    method: Literal["fft", "lora"] = "fft"
-    lora: LoraConfig = LoraConfig()
-    # When the previous stage trained a LoRA adapter: keep training it, or merge it and start anew.
+    model_config = ConfigDict(extra="allow")
+    method: str = "fft"
     adapter: Literal["continue", "merge"] = "continue"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalize(cls, data: Any) -> Any:
+        from .parameterizations import normalized_config
+
+        try:
+            return normalized_config(data)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
 
 class GenerationConfig(Strict):
@@ -79,8 +83,12 @@ class PairsConfig(Strict):
         return self
 
 
-class TaskConfig(Strict):
-    name: str = "paraphrase"  # paraphrase | sonnets | file
+class TaskConfig(BaseModel):
+    """The fields every task reads, plus the named task's own options under its name (e.g.
+    `cloze: {template: ..., labels: ...}`), validated by the task (postlab.tasks)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "paraphrase"  # a registered task: paraphrase | sonnets | file | cloze
     train: str | None = None  # path (TSV/TXT/JSONL/CSV/Parquet) or hub dataset id
     dev: str | None = None
     dev_reference: str | None = None  # sonnets: the true held-out sonnets
@@ -100,6 +108,13 @@ class TaskConfig(Strict):
     # Extra evaluation: name -> a prompt/completion file; metric `<name>_logp` = the mean per-token
     # log-likelihood of its completions (e.g. held-out teacher responses: `teacher_logp`).
     score_records: dict[str, str] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_options(cls, data: Any) -> Any:
+        from .tasks import normalized_config
+
+        return normalized_config(data)
 
     def evaluation_settings(self) -> dict:
         """The fields that decide what evaluation measures (dev data, metrics, generation), without

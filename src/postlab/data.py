@@ -35,6 +35,15 @@ class Pair:
 
 
 @dataclass
+class Choices:
+    """A prompt with several candidate answers (cloze classification: one per label word)."""
+
+    prompt: str
+    answers: list[str]
+    id: str = ""
+
+
+@dataclass
 class Tokenized:
     prompt: list[int]
     completions: list[list[int]]  # one for SFT; [chosen, rejected] for pairs
@@ -51,7 +60,7 @@ class TokenizeReport:
     examples: int = 0
 
 
-def tokenize(examples: list[Example] | list[Pair], tokenizer, max_length: int, overlength: str = "refuse",
+def tokenize(examples: list[Example] | list[Pair] | list[Choices], tokenizer, max_length: int, overlength: str = "refuse",
              append_eos: bool = True, source: str = "data",
              max_completion_tokens: int | None = None) -> tuple[list[Tokenized], TokenizeReport]:
     """Tokenize prompt and completion(s) separately (so the boundary is exact). Too long: refuse, or
@@ -60,7 +69,8 @@ def tokenize(examples: list[Example] | list[Pair], tokenizer, max_length: int, o
     out, report = [], TokenizeReport(examples=len(examples))
     too_long: list[tuple[str, int]] = []  # refused: (id, tokens), all reported together
     for i, ex in enumerate(examples):
-        texts = [ex.completion] if isinstance(ex, Example) else [ex.chosen, ex.rejected]
+        texts = ([ex.completion] if isinstance(ex, Example) else list(ex.answers) if isinstance(ex, Choices)
+                 else [ex.chosen, ex.rejected])
         prompt = tokenizer(ex.prompt, add_special_tokens=False).input_ids
         comps = [(tokenizer(t, add_special_tokens=False).input_ids + eos)[:max_completion_tokens] for t in texts]
         if not prompt:

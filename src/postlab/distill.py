@@ -19,7 +19,7 @@ from pathlib import Path
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import GenerationConfig, PairsConfig
 from .models import LM, cache_dir
-from .preferences import SAMPLED, sample_completions
+from .preferences import sample_completions
 
 log = logging.getLogger("postlab")
 
@@ -28,7 +28,10 @@ def sample_teacher_and_student(teacher: LM, student: LM, prompts: list[str], ids
                                generation: GenerationConfig, out: Path, clean_for: str | None = None) -> dict:
     """Sample one response per prompt from each model and write dsft.jsonl, pairs.jsonl, samples.json."""
     cfg = PairsConfig(strategy="same-sonnet", k=1, generation=generation)
-    clean = SAMPLED[clean_for].clean if clean_for in SAMPLED else (lambda s: s)
+    from .tasks import TASKS
+
+    sampled = getattr(TASKS.get(clean_for or ""), "sampled_rejected", None)  # the task cuts samples as it evaluates
+    clean = sampled.clean if sampled is not None else (lambda s: s)
     got = {}
     for role, lm in (("teacher", teacher), ("student", student)):
         samples, path = sample_completions(lm, prompts, cfg, cache_dir() / "samples", tag=f"distill-{role}")

@@ -281,10 +281,10 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
             evals = math.ceil(epochs) + int(start_eval)
             if s.eval_every_steps:
                 evals += steps // s.eval_every_steps
-            dev_tokens = dev.n * (dev.prompt_tokens + (0 if task.name == "paraphrase" else dev.completion_tokens))
+            cost = task.eval_cost(dev.n)  # asked of the task: what one evaluation scores and generates
+            dev_tokens = dev.n * (dev.prompt_tokens + (dev.completion_tokens if cost.scores_completions else 0))
             fwd += evals * dev_tokens
-            if task.name == "sonnets":  # evaluation generates the held-out sonnets
-                gen_steps += evals * math.ceil(dev.n / s.task.generation.batch_size) * s.task.generation.max_new_tokens
+            gen_steps += evals * cost.decode_steps
             tp = throughput(m, per_example, s.optim.batch_size)
             seconds = ((train_tokens + FORWARD_COST * fwd) / tp.tokens_per_s + gen_steps * tp.decode_step_s
                        + STAGE_OVERHEAD_S[dev_type])

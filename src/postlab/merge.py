@@ -16,7 +16,7 @@ import torch
 
 from .errors import ModelError, PostlabError
 from .models import LM, load_lm
-from .parameterization import is_peft
+from .parameterizations import extrapolated_names, plain
 
 log = logging.getLogger("postlab")
 
@@ -24,8 +24,7 @@ log = logging.getLogger("postlab")
 def load_full(path: str) -> LM:
     """A checkpoint as a plain (non-PEFT) fp32 model on the CPU; adapters are merged into their base."""
     lm = load_lm(path, "cpu", "fp32")
-    if is_peft(lm.model):
-        lm.model = lm.model.merge_and_unload()
+    lm.model = plain(lm.model)
     return lm
 
 
@@ -60,20 +59,14 @@ def combine(paths: list[str], coefficients: list[float]) -> LM:
 
 
 def extrapolate_in_place(model: torch.nn.Module, start: dict[str, torch.Tensor], lam: float) -> None:
-    """ExPO inside a run: the trainable weights become θ_start + λ(θ_end − θ_start). For a LoRA
-    adapter that starts fresh (B = 0) only B is scaled, which scales its update B·A by λ exactly
-    (extrapolating A too would scale the product by more than λ)."""
-    from .parameterization import is_peft
-
-    peft = is_peft(model)
+    """ExPO inside a run: the weights the stage's parameterization names (by default every trainable
+    one; for a fresh LoRA adapter only B, which scales the update B·A by λ exactly) become
+    θ_start + λ(θ_end − θ_start)."""
+    names = set(extrapolated_names(model, start))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name not in start or (peft and "lora_B" not in name):
-                continue
-            if peft and bool(start[name].any()):
-                raise PostlabError("expo_lambda on a LoRA stage needs a fresh adapter at the stage start "
-                                   "(parameterization.lora.adapter: new)")
-            p.copy_(linear_combination([{name: start[name]}, {name: p.detach()}], expo_coefficients(lam))[name])
+            if name in names:
+                p.copy_(linear_combination([{name: start[name]}, {name: p.detach()}], expo_coefficients(lam))[name])
 
 
 def soup_coefficients(n: int, weights: list[float] | None) -> list[float]:
@@ -94,9 +87,9 @@ def write(lm: LM, out: Path, note: dict) -> Path:
     import json
 
     from .checkpoint import atomic_write_text
-    from .run import save_model
+    from .parameterizations import save_model
 
     lm.source = str(out)
-    save_model(lm, out)
+    save_model(lm.model, lm.tokenizer, out, lm.source)
     atomic_write_text(out / "postlab_merge.json", json.dumps(note, indent=2))
     return out

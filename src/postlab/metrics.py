@@ -79,6 +79,13 @@ def chrf_stats(hypothesis: str, reference: str) -> list[float]:
     return [float(x) for x in CHRF()._extract_corpus_statistics([hypothesis], [[reference]])[0]]
 
 
+def sentence_chrf(hypothesis: str, reference: str) -> float:
+    """Sentence chrF (sacrebleu defaults, 0-100) of one hypothesis against one reference."""
+    from sacrebleu import sentence_chrf as chrf_of
+
+    return float(chrf_of(hypothesis, [reference]).score)
+
+
 def class_stats(gold: int, pred: int, n_classes: int = 2) -> list[float]:
     """One example's [tp, fp, fn] per class (macro-F1's statistics)."""
     out = []

@@ -44,7 +44,7 @@ def _label(axes: dict[str, Any]) -> str:
 def planned_comparisons(study: Study, runs: list[PlannedRun]) -> list[PlannedComparison]:
     """The comparisons the report will make, from the plan: each axis but seed and task with 2+
     values, each pair of its values, over runs that agree on every other axis."""
-    from .results import PRIMARY_METRICS
+    from .results import task_primary_metrics
 
     axes = [a.name for a in study.axes]
     group_axes = [a for a in axes if a != "seed"]
@@ -71,7 +71,7 @@ def planned_comparisons(study: Study, runs: list[PlannedRun]) -> list[PlannedCom
                 if key not in dev_sizes:
                     dev_sizes[key] = _dev_size(stage.task)
                 rest = {o: v for o, v in zip(others, ctx) if o != "task"}
-                for m in (metrics or PRIMARY_METRICS.get(task, ())):
+                for m in (metrics or task_primary_metrics(task)):
                     out.append(PlannedComparison(axis, va, vb, _label(rest), task, m, seeds, dev_sizes[key]))
     return out
 

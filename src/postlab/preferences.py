@@ -1,14 +1,14 @@
 """Preference pairs for a stage: the one place that builds them.
 
-Tasks with pairs of their own (paraphrase: chosen = the correct label token; file: prompt/chosen/
-rejected records) give them through ``task.preference_pairs("train")``. Tasks registered in
-``SAMPLED`` (sonnets) have only prompt/completion data; their pairs are built here:
+Tasks with pairs of their own (a label task: chosen = the right answer; file: prompt/chosen/rejected
+records) give them through ``task.preference_pairs("train")``. Tasks that declare
+``sampled_rejected`` (sonnets) have only prompt/completion data; their pairs are built here:
 
 - chosen = the true completion of a *training* example (``task.train_examples()``; dev data is
   never read),
 - rejected = a completion sampled from a model (``PairsConfig.rejected_from``) with the stated
   sampling settings (``PairsConfig.generation``), cleaned by the task's ``clean`` function
-  (sonnets: the first 11 non-blank lines, cut at a number line, exactly as evaluation cuts them).
+  (sonnets: cut exactly as its evaluation cuts a generation).
 
 Strategies:
 - ``same-sonnet``: k draws per prompt; each gives one pair (k pairs per training example).
@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -46,41 +45,9 @@ log = logging.getLogger("postlab")
 CACHE_VERSION = 1
 
 
-@dataclass(frozen=True)
-class SampledRejected:
-    """How a task whose rejected answers are sampled turns a raw sample into a rejected completion,
-    and how similar a completion is to the truth (higher = closer; top-k keeps the lowest)."""
-
-    clean: Callable[[str], str]
-    score: Callable[[str, str], float]  # (hypothesis, truth) -> similarity
-
-
-def chrf(hypothesis: str, truth: str) -> float:
-    """Sentence chrF (sacrebleu defaults, 0-100) of one hypothesis against one reference."""
-    from sacrebleu import sentence_chrf
-
-    return float(sentence_chrf(hypothesis, [truth]).score)
-
-
-def _sonnet_clean(sample: str) -> str:
-    from .tasks.sonnets import cut_continuation
-
-    return "\n".join(cut_continuation(sample))
-
-
-# Task name -> how its rejected answers are made from samples. A new task with sampled rejected
-# answers adds one entry (or calls register_sampled).
-SAMPLED: dict[str, SampledRejected] = {"sonnets": SampledRejected(_sonnet_clean, chrf)}
-
-
-def register_sampled(task_name: str, clean: Callable[[str], str],
-                     score: Callable[[str, str], float] = chrf) -> None:
-    SAMPLED[task_name] = SampledRejected(clean, score)
-
-
 def needs_sampler(task) -> bool:
     """True when the task's pairs are built from samples (a sampler model must be loaded)."""
-    return task.name in SAMPLED
+    return task.sampled_rejected is not None
 
 
 def draws(cfg: PairsConfig) -> int:
@@ -179,7 +146,7 @@ def build_pairs(task, cfg: PairsConfig, sampler_lm: LM | None, cache_dir: Path) 
         return task.preference_pairs("train")
     if sampler_lm is None:
         raise ConfigError(f"task {task.name!r} samples its rejected answers: build_pairs needs a sampler model")
-    spec = SAMPLED[task.name]
+    spec = task.sampled_rejected
     examples = task.train_examples()  # training data only: dev examples never enter pairs
     samples, _ = sample_completions(sampler_lm, [ex.prompt for ex in examples], cfg, cache_dir, tag=task.name)
     pairs: list[Pair] = []

@@ -116,8 +116,8 @@ def prune(lm: LM, drop_fraction: float, method: str, prompts: list[str] | None =
 
 def write(lm: LM, out: Path, report: dict) -> None:
     from .checkpoint import atomic_write_text
-    from .run import save_model
+    from .parameterizations import save_model
 
     lm.source = str(out)
-    save_model(lm, out)
+    save_model(lm.model, lm.tokenizer, out, lm.source)
     atomic_write_text(out / "prune.json", json.dumps(report, indent=2))

@@ -28,7 +28,7 @@ from . import plots
 from . import results as R
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .comparisons import baseline_comparisons, evaluations, findings, paired_comparisons
-from .results import PRIMARY_METRICS, add_win_rates, find_incomplete, load_runs, win_rate  # noqa: F401 (re-exported)
+from .results import add_win_rates, find_incomplete, load_runs, task_primary_metrics, win_rate  # noqa: F401 (re-exported)
 from .stats import format_p, summarize
 
 __all__ = ["load_runs", "find_incomplete", "summary_table", "paired_comparisons", "write_report", "summary_text"]
@@ -269,8 +269,9 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     lines = [f"# Study report: {_study_name(study_dir)}", "",
              f"{len(df)} completed run(s), {len(incomplete)} incomplete. Axes: {', '.join(df.attrs['axes']) or 'none'}. "
              + (f"Compared metrics (the study's choice): {', '.join(chosen)}" if chosen else
-                "Compared metrics: " + "; ".join(f"{t} → {', '.join(m)}" for t, m in PRIMARY_METRICS.items())
-                + "; other tasks: all numeric metrics")
+                "Compared metrics (each task's primary ones): "
+                + ("; ".join(f"{t} → {', '.join(task_primary_metrics(t)) or 'all numeric metrics'}"
+                             for t in R.tasks_of(df) if t is not None) or "all numeric metrics"))
              + "".join(f"; {m} (every task)" for m in df.attrs["metrics"] if m.startswith("win_rate_vs_"))
              + ". All runs: [runs.csv](runs.csv).", ""]
     if df.empty:

@@ -23,11 +23,14 @@ from .metrics import PerExample, read_per_example
 SEED = "seed"
 TASK = "task"
 ZERO_SHOT = "zero_shot"  # columns zero_shot.<metric>: the run's starting model (step 0 of its first stage)
-#: Metrics that matter per task; a task not listed here uses all its numeric metrics.
-PRIMARY_METRICS: dict[str, tuple[str, ...]] = {
-    "paraphrase": ("accuracy", "macro_f1"),
-    "sonnets": ("chrf",),
-}
+
+
+def task_primary_metrics(task: Any) -> tuple[str, ...]:
+    """The metrics a registered task asks a study to compare (its `primary_metrics`); () if unknown."""
+    from .tasks import TASKS
+
+    cls = TASKS.get(str(task)) if task is not None else None
+    return tuple(getattr(cls, "primary_metrics", ())) if cls is not None else ()
 
 
 def run_dirs(study_dir: Path) -> list[Path]:
@@ -299,7 +302,7 @@ def primary_metrics(task: Any, df: pd.DataFrame) -> list[str]:
     """The metrics compared for ``task``: the study's ``metrics`` list (``df.attrs["compare_metrics"]``)
     or the task's primary metrics, those with data in ``df``; all its metrics for other tasks."""
     metrics = metrics_with_data(df, df.attrs.get("metrics", []))
-    wanted = [m for m in (df.attrs.get("compare_metrics") or PRIMARY_METRICS.get(task, ())) if m in metrics]
+    wanted = [m for m in (df.attrs.get("compare_metrics") or task_primary_metrics(task)) if m in metrics]
     if not wanted:
         return metrics
     return wanted + [m for m in metrics if m.startswith("win_rate_vs_") and m not in wanted]  # asked for by the study

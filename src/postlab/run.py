@@ -22,11 +22,12 @@ from .cache import cached_evaluation, cached_token_logps, tokenizer_fingerprint
 from .checkpoint import atomic_write_json, atomic_write_text, read_json, trainable_state
 from .config import ModelConfig, RunConfig, StageConfig, dump_config, parse_run_config
 from .data import tokenize
-from .errors import ConfigError, PostlabError
+from .errors import ConfigError, DataError, PostlabError
 from .merge import extrapolate_in_place
 from .models import LM, cache_dir, load_lm
 from .objectives import get_objective, parse_args
-from .parameterization import apply_parameterization, count_parameters, describe, is_peft
+from .validate import output_location
+from .parameterizations import adapter_of, count_parameters, describe, prepare, save_model
 from .preferences import build_pairs, needs_sampler
 from .tasks import evaluate_task, get_task, records_fingerprint, training_task
 from .train import MetricsLog, train_stage
@@ -94,7 +95,25 @@ def stage_items(lm: LM, stage: StageConfig, model_cfg: ModelConfig | None = None
     if report.truncated:
         log.warning("stage %s: %d of %d examples were longer than %d tokens; their prompts were truncated",
                     stage.name, report.truncated, report.examples, lm.max_length)
+    if spec.kind == "preference":
+        items = pairs_with_signal(items, stage.name)
     return task, spec, items
+
+
+def pairs_with_signal(items: list, stage: str) -> list:
+    """Preference pairs whose chosen and rejected answers differ once tokenized (and cut to
+    max_completion_tokens): an identical pair has no preference to learn (its loss gradient is 0).
+    Such pairs are dropped with a warning naming them; if none is left the stage is refused."""
+    same = [it.id for it in items if it.completions[0] == it.completions[1]]
+    if len(same) == len(items):
+        raise DataError(f"stage {stage}: all {len(items)} preference pairs have the same chosen and rejected answer "
+                        f"(after tokenizing and task.max_completion_tokens), so there is nothing to learn; "
+                        f"check the data's chosen/rejected columns (first: {same[:3]})")
+    if same:
+        log.warning("stage %s: %d of %d preference pairs have the same chosen and rejected answer and were dropped "
+                    "(first: %s)", stage, len(same), len(items), same[:3])
+        return [it for it in items if it.completions[0] != it.completions[1]]
+    return items
 
 
 def stage_data(lm: LM, cfg: RunConfig, stage: StageConfig):
@@ -147,7 +166,7 @@ def check_resume(out: Path, cfg: RunConfig, resume: bool) -> None:
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     """Train every stage of `cfg`; returns the result (also written to result.json)."""
-    out = Path(cfg.output_dir)
+    out = output_location(cfg.output_dir, "output_dir")
     check_resume(out, cfg, resume)
     if (out / "result.json").is_file():
         log.info("%s: run already complete", out)
@@ -282,13 +301,12 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, metrics: MetricsLog,
               last: bool = True) -> dict:
-    torch.manual_seed(cfg.seed + i)  # LoRA init is part of the seeded run
-    had_adapter = is_peft(lm.model)
-    lm.model = apply_parameterization(lm.model, stage.parameterization)
-    if had_adapter and not (stage.parameterization.method == "lora" and stage.parameterization.adapter == "continue"):
+    torch.manual_seed(cfg.seed + i)  # an adapter's initialisation is part of the seeded run
+    lm.model, merged = prepare(lm.model, stage.parameterization)
+    if merged:
         # The earlier adapter was merged: this stage's base exists only in memory, so write it out
         # (a new adapter must name a base that loads from disk).
-        base = lm.model.get_base_model() if is_peft(lm.model) else lm.model
+        base = lm.model.get_base_model() if adapter_of(lm.model) is not None else lm.model
         if dist.is_main():
             base.save_pretrained(sdir / "base", safe_serialization=True)
             lm.tokenizer.save_pretrained(sdir / "base")
@@ -326,9 +344,9 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
                        **summary["metrics"]})
     if stage.save_model or not last:  # later stages (and their resumption) start from this model
         if dist.is_main():
-            save_model(lm, sdir / "model")
+            save_model(lm.model, lm.tokenizer, sdir / "model", lm.source)
         dist.barrier()
-        if not is_peft(lm.model):
+        if adapter_of(lm.model) is None:
             lm.source = str(sdir / "model")
     trainable, total = count_parameters(lm.model)
     done = {"name": stage.name, "objective": stage.objective.name, "parameterization": stage.parameterization.method,
@@ -339,21 +357,3 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
     faults.point("stage-done")
     dist.barrier()
     return done
-
-
-def save_model(lm: LM, path: Path) -> None:
-    """HF format: a full checkpoint (FFT) or a PEFT adapter whose base path points at the base model."""
-    import shutil
-    import tempfile
-
-    from .checkpoint import replace_dir
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=path.parent))
-    if is_peft(lm.model):
-        for c in lm.model.peft_config.values():
-            c.base_model_name_or_path = lm.source
-    lm.model.save_pretrained(tmp, safe_serialization=True)
-    lm.tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, path)
-    shutil.rmtree(tmp, ignore_errors=True)

@@ -87,6 +87,7 @@ from .config import (RunConfig, StageConfig, apply_overrides, dump_config, parse
                      read_yaml)
 from .errors import ConfigError, PostlabError
 from .estimate import RunEstimate, human_n, human_s
+from .validate import output_location
 
 log = logging.getLogger("postlab")
 
@@ -580,7 +581,7 @@ def run_study(study: Study, study_dir: str | Path | None = None, shard: tuple[in
 
     from .run import run
 
-    study_dir = Path(study_dir) if study_dir is not None else study.default_dir()
+    study_dir = output_location(study_dir if study_dir is not None else study.default_dir(), "study directory")
     runs = plan(study) if runs is None else runs
     mine = shard_runs(runs, shard)
     check_data([r for r in mine if not _complete(run_dir(study_dir, r.run_id))])

@@ -5,8 +5,11 @@ Register a task with ``@register_task``; a stage names it in ``task.name``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
+
+from pydantic import BaseModel, ValidationError
 
 from ..config import TaskConfig
 from ..data import Example, Pair
@@ -43,15 +46,49 @@ def read_text(path: Path) -> str:
 
 
 
+@dataclass(frozen=True)
+class SampledRejected:
+    """How a task whose rejected answers are sampled (postlab.preferences) turns a raw sample into a
+    rejected completion, and how similar a completion is to the truth (higher = closer)."""
+
+    clean: Callable[[str], str]
+    score: Callable[[str, str], float]  # (hypothesis, truth) -> similarity
+
+
+@dataclass(frozen=True)
+class EvalCost:
+    """What one evaluation of a task costs, for `postlab study plan`: whether it scores the dev
+    completions (not just the prompt and a one-token answer) and how many decode steps it generates."""
+
+    scores_completions: bool
+    decode_steps: int = 0
+
+
 class Task:
+    """A task owns everything about itself: its options (`Options`, validated from the stage's
+    `task.<name>` block), its data (and default files), its metrics with their direction and
+    per-example statistics, the metrics a study compares (`primary_metrics`), how rejected answers
+    are sampled where it has no pairs of its own, and what its evaluation costs."""
+
     name: ClassVar[str]
+    Options: ClassVar[type[BaseModel] | None] = None
     append_eos: ClassVar[bool] = True  # end completions with EOS (generative tasks learn to stop)
-    primary_metric: ClassVar[str]
+    primary_metrics: ClassVar[tuple[str, ...]] = ()  # compared by a study's report (default: every metric)
     # Metrics whose per-example statistics the evaluation writes (see postlab.metrics).
     metric_specs: ClassVar[dict[str, MetricSpec]] = {}
+    sampled_rejected: ClassVar[SampledRejected | None] = None  # set by tasks whose pairs are sampled
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
+
+    @property
+    def options(self) -> BaseModel | None:
+        if self.Options is None:
+            return None
+        return self.Options(**((self.cfg.model_extra or {}).get(self.name) or {}))
+
+    def eval_cost(self, n_dev: int) -> EvalCost:
+        return EvalCost(scores_completions=True)
 
     def train_examples(self) -> list[Example]:
         raise NotImplementedError
@@ -87,17 +124,51 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+def normalized_config(raw):
+    """A stage's `task` block with the named task's own options (under `task.<name>`) validated and
+    filled with their defaults; other keys that are not TaskConfig fields are refused. Raises
+    ValueError naming the field at fault."""
+    if not isinstance(raw, dict):
+        return raw
+    name = str(raw.get("name", "paraphrase"))
+    if name not in TASKS:
+        return raw  # get_task names the unknown task
+    cls = TASKS[name]
+    known = set(TaskConfig.model_fields)
+    for key in raw:
+        if key not in known and key != name:
+            raise ValueError(f"unknown key {key!r}" + (f" (task {name!r} takes its options under {name}:)"
+                                                       if cls.Options is not None else ""))
+    if cls.Options is None:
+        if name in raw:
+            raise ValueError(f"task {name!r} has no options of its own ({name}:)")
+        return raw
+    try:
+        return {**raw, name: cls.Options(**(raw.get(name) or {})).model_dump(mode="json")}
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ValueError(f"{name}.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    except TypeError:
+        raise ValueError(f"{name}: expected a mapping of options, got {raw.get(name)!r}") from None
+
+
 def get_task(cfg: TaskConfig) -> Task:
     if cfg.name not in TASKS:
         raise ConfigError(f"task.name: unknown task {cfg.name!r}; choose one of {sorted(TASKS)}")
     return TASKS[cfg.name](cfg)
 
 
+def records_task(train: str | None = None, dev: str | None = None, train_limit: int | None = None,
+                 dev_limit: int | None = None) -> Task:
+    """A user's prompt/completion or prompt/chosen/rejected records, as the `file` task reads them."""
+    return TASKS["file"](TaskConfig(name="file", train=train, dev=dev, train_limit=train_limit, dev_limit=dev_limit))
+
+
 def training_task(cfg: TaskConfig) -> Task:
     """Where a stage's training data comes from: the task itself, or its `train_records` file (read as
     task `file`; the task still evaluates)."""
     if cfg.train_records:
-        return TASKS["file"](TaskConfig(name="file", train=cfg.train_records, train_limit=cfg.train_limit))
+        return records_task(train=cfg.train_records, train_limit=cfg.train_limit)
     return get_task(cfg)
 
 
@@ -108,7 +179,7 @@ def evaluate_task(task: Task, lm: LM, out_dir: Path | None, batch_size: int) -> 
 
     metrics = task.evaluate(lm, out_dir, batch_size)
     for name, path in task.cfg.score_records.items():
-        examples = TASKS["file"](TaskConfig(name="file", train=path)).train_examples()
+        examples = records_task(train=path).train_examples()
         nll, tokens = completion_nll(lm, examples, batch_size, task.cfg.overlength, task.append_eos,
                                      source=f"task.score_records.{name} ({path})")
         metrics[f"{name}_logp"] = -nll / tokens
@@ -125,4 +196,4 @@ def records_fingerprint(cfg: TaskConfig) -> dict[str, str]:
 
 
 from . import paraphrase  # noqa: E402,F401
-from . import sonnets, files  # noqa: E402,F401
+from . import sonnets, files, cloze  # noqa: E402,F401

@@ -55,9 +55,10 @@ def is_hub_id(source: str) -> bool:
 
 
 def read_records(source: str, column_sets: Iterable[tuple[str, ...]], split: str = "train",
-                 ) -> tuple[tuple[str, ...], list[dict[str, str]]]:
+                 scalar_columns: Iterable[str] = ()) -> tuple[tuple[str, ...], list[dict[str, str]]]:
     """Records holding the first of `column_sets` whose columns the data has, each value checked to
-    be a non-empty string. Returns (the columns used, records with those keys plus `id`).
+    be a non-empty string (`scalar_columns`, e.g. a label, may also hold numbers or booleans, read as
+    text). Returns (the columns used, records with those keys plus `id`).
     Every error is a DataError naming the source and, where it applies, the line or row."""
     column_sets = list(column_sets)
     if is_hub_id(source):
@@ -74,8 +75,9 @@ def read_records(source: str, column_sets: Iterable[tuple[str, ...]], split: str
         name = path.name
     columns = _choose_columns(source, header, header_where, column_sets)
     out = []
+    scalars = set(scalar_columns)
     for where, rec in rows:
-        out.append(_check_record(source, where, rec, columns, name))
+        out.append(_check_record(source, where, rec, columns, name, scalars))
     if not out:
         raise DataError(f"{source}: no records found; expected rows with columns {list(column_sets[0])}")
     return columns, out
@@ -99,7 +101,8 @@ def _choose_columns(source: str, header: list[str] | None, where: str | None,
                     f"{'keys' if where else 'columns'} found: {list(header)}; expected {list(want)}{hint}")
 
 
-def _check_record(source: str, where: str, rec: object, columns: tuple[str, ...], name: str) -> dict[str, str]:
+def _check_record(source: str, where: str, rec: object, columns: tuple[str, ...], name: str,
+                  scalars: set[str] = frozenset()) -> dict[str, str]:
     if not isinstance(rec, dict):
         raise DataError(f"{source}: {where}: expected an object with keys {list(columns)}, got {type(rec).__name__}")
     missing = [c for c in columns if c not in rec]
@@ -108,6 +111,8 @@ def _check_record(source: str, where: str, rec: object, columns: tuple[str, ...]
     out = {}
     for c in columns:
         v = rec[c]
+        if c in scalars and isinstance(v, (bool, int, float)) and not (isinstance(v, float) and v != v):
+            v = str(v).lower() if isinstance(v, bool) else (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
         if not isinstance(v, str):
             got = "null" if v is None else f"{type(v).__name__} {_short(v)}"
             hint = (" (conversational records must be rendered to text first, e.g. with the chat template)"
@@ -222,7 +227,7 @@ def _hub_rows(name: str, split: str) -> Read:
 class FileTask(Task):
     name = "file"
     append_eos = True
-    primary_metric = "loss"  # lower is better
+    primary_metrics = ("loss",)  # lower is better
     metric_specs = {"loss": MetricSpec("ratio", higher_is_better=False),
                     "perplexity": MetricSpec("exp_ratio", higher_is_better=False)}
 

@@ -10,12 +10,12 @@ import csv
 import json
 from pathlib import Path
 
-from ..data import Example, Pair, tokenize
+from ..data import Choices, Example, Pair
 from ..errors import DataError
-from ..logprobs import score_all
-from ..metrics import MetricSpec, class_stats
+from ..metrics import MetricSpec
 from ..models import LM
 from . import Task, data_dir, read_text, register_task, require_file
+from .cloze import classification_metrics, classification_report, classify  # noqa: F401 (classification_metrics: re-exported)
 
 TEMPLATE = 'Question 1: "{q1}"\nQuestion 2: "{q2}"\nDo these two questions ask the same thing? Answer:'
 LABELS = {1: " yes", 0: " no"}
@@ -69,7 +69,7 @@ def read_hub(name: str, split: str) -> list[tuple[str, str, str, int]]:
 class Paraphrase(Task):
     name = "paraphrase"
     append_eos = False  # the answer is exactly one token
-    primary_metric = "accuracy"
+    primary_metrics = ("accuracy", "macro_f1")
     # Planning defaults (seed, example, residual variance of a difference between two arms): a 0/1
     # difference has variance at most 0.5 when the arms are independent coin flips, the worst case;
     # seed-to-seed SD 0.02 (2 accuracy points). Macro-F1's pseudo-values spread about twice as wide.
@@ -103,38 +103,19 @@ class Paraphrase(Task):
 
     def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
         rows = self._load("dev")
-        # Score both label tokens as a pair; one row of logits per question pair.
-        pairs = [Pair(self.prompt(a, b), LABELS[1], LABELS[0], i) for i, a, b, _ in rows]
-        items, _ = tokenize(pairs, lm.tokenizer, lm.max_length, "truncate", append_eos=False, source="dev")
-        pred = [0] * len(rows)
-        for idx, logps, _ in score_all(lm, items, batch_size, desc="eval paraphrase"):
-            B = len(idx)
-            yes, no = logps[:B, 0], logps[B:, 0]
-            for j, i in enumerate(idx):
-                pred[i] = int(yes[j] > no[j])
+        # A cloze classification over the two label words (tasks/cloze.py), class index = the label.
+        pred = classify(lm, [Choices(self.prompt(a, b), [LABELS[0], LABELS[1]], i) for i, a, b, _ in rows], batch_size,
+                        desc="eval paraphrase")
         gold = [y for *_, y in rows]
-        majority = int(sum(gold) * 2 > len(gold))
-        metrics = {**classification_metrics(gold, pred),
-                   **{f"majority_{k}": v for k, v in classification_metrics(gold, [majority] * len(gold)).items()},
-                   "predicted_yes_rate": sum(pred) / len(pred), "n": float(len(gold))}
-        self.write_per_example(out_dir, [
-            {"id": i, "score": float(y == p),
-             "stats": {"accuracy": [float(y == p), 1.0], "macro_f1": class_stats(y, p), "predicted_yes_rate": [float(p), 1.0]}}
-            for (i, *_), y, p in zip(rows, gold, pred)])
+        metrics, records = classification_report([i for i, *_ in rows], gold, pred, 2)
+        for r, p in zip(records, pred):
+            r["stats"]["predicted_yes_rate"] = [float(p), 1.0]
+        metrics = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                   "majority_accuracy": metrics["majority_accuracy"], "majority_macro_f1": metrics["majority_macro_f1"],
+                   "predicted_yes_rate": sum(pred) / len(pred), "n": metrics["n"]}
+        self.write_per_example(out_dir, records)
         if out_dir is not None:
             with open(out_dir / "paraphrase_predictions.jsonl", "w") as f:
                 for (i, *_), y, p in zip(rows, gold, pred):
                     f.write(json.dumps({"id": i, "label": y, "pred": p}) + "\n")
         return metrics
-
-
-def classification_metrics(gold: list[int], pred: list[int]) -> dict[str, float]:
-    """Accuracy and macro-F1 over the two classes (a class never predicted nor present scores 0)."""
-    acc = sum(g == p for g, p in zip(gold, pred)) / len(gold)
-    f1s = []
-    for c in (0, 1):
-        tp = sum(g == c and p == c for g, p in zip(gold, pred))
-        fp = sum(g != c and p == c for g, p in zip(gold, pred))
-        fn = sum(g == c and p != c for g, p in zip(gold, pred))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return {"accuracy": acc, "macro_f1": sum(f1s) / 2}

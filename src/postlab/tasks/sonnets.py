@@ -33,9 +33,9 @@ from ..data import Example
 from ..errors import DataError
 from ..generate import generate
 from ..logprobs import completion_nll_per_example
-from ..metrics import MetricSpec, chrf_stats
+from ..metrics import MetricSpec, chrf_stats, sentence_chrf
 from ..models import LM
-from . import Task, data_dir, read_text, register_task, require_file
+from . import EvalCost, SampledRejected, Task, data_dir, read_text, register_task, require_file
 
 log = logging.getLogger("postlab")
 
@@ -104,7 +104,7 @@ def cut_continuation(generated: str, max_lines: int = CONTINUATION_LINES) -> lis
 class Sonnets(Task):
     name = "sonnets"
     append_eos = True
-    primary_metric = "chrf"
+    primary_metrics = ("chrf",)
     # Planning defaults (seed, example, residual variance of a difference between two arms): about
     # twice the standard deviations measured between FFT and LoRA in the demo study (results/demo),
     # and the source study's seed SD of 0.57 chrF for chrF's seed term.
@@ -112,6 +112,15 @@ class Sonnets(Task):
                     "chrf_continuation": MetricSpec("chrf", planning=(0.36, 1.5, 10.0)),
                     "dev_loss": MetricSpec("ratio", higher_is_better=False, planning=(1e-4, 6e-4, 5e-4)),
                     "perplexity": MetricSpec("exp_ratio", higher_is_better=False, planning=(0.5, 3.0, 2.5))}
+
+    # DPO pairs: chosen = the true continuation, rejected = a sampled one, cut as evaluation cuts it,
+    # scored against the truth by sentence chrF (postlab.preferences).
+    sampled_rejected = SampledRejected(clean=lambda sample: "\n".join(cut_continuation(sample)),
+                                       score=lambda hyp, truth: sentence_chrf(hyp, truth))
+
+    def eval_cost(self, n_dev: int) -> EvalCost:
+        g = self.cfg.generation
+        return EvalCost(scores_completions=True, decode_steps=-(-n_dev // g.batch_size) * g.max_new_tokens)
 
     def _path(self, key: str) -> Path:
         defaults = {"train": "sonnets.txt", "dev": "sonnets_held_out_dev.txt",
