@@ -19,6 +19,7 @@ from .checkpoint import atomic_write_json, atomic_write_text
 from .data import Pair, score_batch, tokenize
 from .logprobs import token_logps
 from .models import LM, decoder_and_head
+from .objectives import implicit_reward
 
 
 @torch.no_grad()
@@ -54,7 +55,7 @@ def diagnose(policy: LM, reference: LM, pairs: list[Pair], beta: float, out_dir:
     ref = cached_token_logps(reference, items, "reference", batch_size)
     rows = []
     for it, p, r in zip(items, pol, ref):
-        rc, rr = beta * float(p[0].sum() - r[0].sum()), beta * float(p[1].sum() - r[1].sum())
+        rc, rr = (implicit_reward(float(p[k].sum()), float(r[k].sum()), beta) for k in (0, 1))
         rows.append({"id": it.id, "reward_chosen": rc, "reward_rejected": rr, "margin": rc - rr, "correct": rc > rr,
                      "logp_chosen": float(p[0].sum()), "logp_rejected": float(p[1].sum()),
                      "ref_logp_chosen": float(r[0].sum()), "ref_logp_rejected": float(r[1].sum())})

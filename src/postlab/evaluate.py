@@ -11,6 +11,7 @@ from .cache import cached_token_logps
 from .data import Pair, tokenize
 from .logprobs import token_logps
 from .models import LM
+from .objectives import implicit_reward
 
 
 def implicit_rewards(policy: LM, reference: LM, pairs: list[Pair], beta: float = 0.1, batch_size: int = 16,
@@ -19,7 +20,7 @@ def implicit_rewards(policy: LM, reference: LM, pairs: list[Pair], beta: float =
     ref = cached_token_logps(reference, items, "reference", batch_size)
     pol = token_logps(policy, items, batch_size, desc="policy log-probs")
     seq = lambda xs: torch.stack([torch.stack([t.sum() for t in x]) for x in xs])  # noqa: E731 -> [n, 2]
-    r = beta * (seq(pol) - seq(ref))
+    r = implicit_reward(seq(pol), seq(ref), beta)
     margin = r[:, 0] - r[:, 1]
     kl = (seq(pol) - seq(ref))[:, 0]  # log-ratio on chosen answers: a sample estimate of KL(π‖πref) only
     return {"reward_accuracy": float((margin > 0).float().mean()), "reward_margin": float(margin.mean()),

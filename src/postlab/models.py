@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from .errors import ModelError
+from .hub import is_hub_id
 
 log = logging.getLogger("postlab")
 
@@ -106,7 +107,7 @@ def resolve_model_path(name: str) -> str:
         if not p.is_dir():
             raise ModelError(f"{name}: expected a model directory (config.json + weights), got a file")
         return str(p)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if not is_hub_id(name, bare_names=True):
         raise ModelError(f"{name}: model directory not found")
     return name  # a Hugging Face hub id
 

@@ -64,12 +64,6 @@ def draw_seed(seed: int, j: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def tokenizer_hash(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    special = [tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id]
-    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
-
-
 def samples_key(sampler_weights: str, tokenizer: str, precision: str, device: str, prompts: list[str],
                 cfg: PairsConfig) -> str:
     parts = {"version": CACHE_VERSION, "weights": sampler_weights, "tokenizer": tokenizer, "precision": precision,
@@ -81,9 +75,9 @@ def samples_key(sampler_weights: str, tokenizer: str, precision: str, device: st
 def sampler_identity(lm: LM) -> dict[str, str]:
     """What, besides prompts and settings, determines the samples (hashes the weights: ~1 s per
     100M parameters)."""
-    from .cache import weights_hash
+    from .cache import tokenizer_fingerprint, weights_hash
 
-    return {"weights": weights_hash(lm.model), "tokenizer": tokenizer_hash(lm.tokenizer),
+    return {"weights": weights_hash(lm.model), "tokenizer": tokenizer_fingerprint(lm.tokenizer),
             "precision": lm.precision, "device": lm.device.type}
 
 

@@ -87,6 +87,7 @@ from .config import (RunConfig, StageConfig, apply_overrides, dump_config, parse
                      read_yaml)
 from .errors import ConfigError, PostlabError
 from .estimate import RunEstimate, human_n, human_s
+from .hub import is_hub_id
 from .validate import output_location
 
 log = logging.getLogger("postlab")
@@ -435,7 +436,7 @@ def check_data(runs: list[PlannedRun]) -> None:
     problems = []
     for task_cfg, rids in users.values():
         sources = [getattr(task_cfg, k) for k in ("train", "dev", "dev_reference") if getattr(task_cfg, k)]
-        if any(not Path(x).exists() and not x.startswith((".", "/", "~")) and "/" in x for x in sources):
+        if any(is_hub_id(x) for x in sources):
             continue  # a hub dataset id: not downloaded just to check it
         try:
             task = get_task(task_cfg)

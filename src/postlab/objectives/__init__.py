@@ -50,6 +50,12 @@ class TokenLogps:
         return self.mask.sum(-1)
 
 
+def implicit_reward(policy: torch.Tensor | float, reference: torch.Tensor | float, beta: float):
+    """The implicit reward r = β·(log π − log πref) of a token or a sequence: the one definition that
+    objectives, `postlab eval --reference` and `postlab diagnose` share."""
+    return beta * (policy - reference)
+
+
 @dataclass
 class PairLogps:
     chosen: TokenLogps

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from . import ObjectiveArgs, PairLogps, register
+from . import ObjectiveArgs, PairLogps, implicit_reward, register
 from .sft import nll
 
 Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -65,8 +65,8 @@ def _rewards(x: PairLogps, beta: float, ref: bool = True, avg: bool = False) -> 
     with gradients, plus the detached reward/log-prob metrics shared by every objective."""
     seq = "mean" if avg else "sum"
     pc, pr = getattr(x.chosen, seq)("policy"), getattr(x.rejected, seq)("policy")
-    c = beta * (pc - getattr(x.chosen, seq)("reference")) if ref else beta * pc
-    r = beta * (pr - getattr(x.rejected, seq)("reference")) if ref else beta * pr
+    c = implicit_reward(pc, getattr(x.chosen, seq)("reference"), beta) if ref else beta * pc
+    r = implicit_reward(pr, getattr(x.rejected, seq)("reference"), beta) if ref else beta * pr
     m = {"rewards/chosen": c.mean(), "rewards/rejected": r.mean(), "rewards/accuracy": (c > r).float().mean(),
          "rewards/margin": (c - r).mean(), "logps/chosen": pc.mean(), "logps/rejected": pr.mean()}
     return c, r, {k: v.detach() for k, v in m.items()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from . import ObjectiveArgs, TokenLogps, register
+from . import ObjectiveArgs, TokenLogps, implicit_reward, register
 from .divergence import bucket_kl, masked_mean, with_tail
 
 Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -61,7 +61,7 @@ class Chi2Args(ObjectiveArgs):
 
 
 def _implicit_rewards(x: TokenLogps, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    r = beta * (x.policy - x.reference)
+    r = implicit_reward(x.policy, x.reference, beta)
     return r, {"reward": masked_mean(r, x.mask).detach(), "nll": masked_mean(-x.policy, x.mask).detach()}
 
 

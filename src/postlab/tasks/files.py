@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..data import Example, Pair
 from ..errors import ConfigError, DataError
+from ..hub import is_hub_id
 from ..logprobs import completion_nll_per_example
 from ..metrics import MetricSpec
 from ..models import LM
@@ -41,17 +42,6 @@ Rows = Iterator[tuple[str, object]]  # (where, record): where = "line 3", "row 3
 # A reader returns (header, where the header came from, rows): the header is the columns of a table,
 # or the keys of the first record of JSON data (then `where` names that record), or None.
 Read = tuple[list[str] | None, str | None, Rows]
-
-
-_FILE_SUFFIXES = set(FORMATS) | {".txt", ".gz", ".zip", ".arrow", ".xlsx", ".xls", ".yaml", ".yml"}
-
-
-def is_hub_id(source: str) -> bool:
-    """`owner/name[:subset][@split]` that is no existing path and has no file extension."""
-    if Path(source).exists() or source.startswith((".", "/", "~")) or "\\" in source:
-        return False
-    ident = source.split("@")[0].split(":")[0]
-    return ident.count("/") == 1 and Path(ident).suffix.lower() not in _FILE_SUFFIXES
 
 
 def read_records(source: str, column_sets: Iterable[tuple[str, ...]], split: str = "train",

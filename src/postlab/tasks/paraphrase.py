@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..data import Choices, Example, Pair
 from ..errors import DataError
+from ..hub import is_hub_id
 from ..metrics import MetricSpec
 from ..models import LM
 from . import Task, data_dir, read_text, register_task, require_file
@@ -81,7 +82,7 @@ class Paraphrase(Task):
         default = data_dir() / "quora" / f"quora-{split}.tsv"
         src = getattr(self.cfg, split) or str(default)
         limit = self.cfg.train_limit if split == "train" else self.cfg.dev_limit
-        if not Path(src).exists() and not src.startswith((".", "/")) and "/" in src:
+        if is_hub_id(src):
             rows = read_hub(src, "train" if split == "train" else "validation")
         else:
             rows = read_pairs(require_file(src, f"paraphrase {split} file"))
