@@ -9,7 +9,7 @@ from postlab.cli import main
 from postlab.config import parse_run_config
 from postlab.run import run
 
-from test_train import run_config, write_pairs
+from helpers import run_config, write_pairs
 
 
 def test_export_merge_eval_generate(tiny_llama, tmp_path, capsys):
@@ -36,7 +36,9 @@ def test_export_merge_eval_generate(tiny_llama, tmp_path, capsys):
                  "--reference", str(tiny_llama), "--precision", "fp32"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["accuracy"] == result["metrics"]["accuracy"]  # the merged model predicts like the adapter
-    assert 0 <= metrics["reward_accuracy"] <= 1
+    # the implicit-reward view against the base: computed on the 8 dev pairs, and it sees the training
+    assert metrics["pairs"] == 8 and (metrics["reward_accuracy"] * 8).is_integer()
+    assert metrics["reward_margin"] != 0 and metrics["logratio_chosen"] != 0
 
     assert main(["generate", str(tmp_path / "merged"), "--prompt", "Hello", "--max-new-tokens", "5", "--seed", "3", "--precision", "fp32"]) == 0
     first = capsys.readouterr().out

@@ -79,7 +79,7 @@ def test_evaluate_writes_metrics_per_example_stats_and_predictions(tiny_llama, t
                                cloze={"template": "Request: {text}\nIntent:", "label_column": "intent",
                                       "labels": {"music": " music", "food": " food", "alarm": " alarm"}}))
     m = task.evaluate(lm, tmp_path / "eval", batch_size=4)
-    assert m["n"] == 9 and 0 <= m["accuracy"] <= 1 and m["majority_accuracy"] == pytest.approx(1 / 3)
+    assert m["n"] == 9 and (m["accuracy"] * 9).is_integer() and m["majority_accuracy"] == pytest.approx(1 / 3)
     per = read_per_example(tmp_path / "eval")
     assert per.value("accuracy") == pytest.approx(m["accuracy"]) and per.value("macro_f1") == pytest.approx(m["macro_f1"])
     preds = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
@@ -91,7 +91,7 @@ def test_paraphrase_is_a_cloze_task_with_its_own_format(tiny_llama, tmp_path):
     predictions: paraphrase shares cloze's classification code."""
     from postlab.tasks.paraphrase import LABELS, TEMPLATE
 
-    from test_train import write_pairs
+    from helpers import write_pairs
 
     tsv = write_pairs(tmp_path / "pairs.tsv", n=12)
     jsonl = tmp_path / "pairs.jsonl"
@@ -130,6 +130,6 @@ def test_a_study_file_trains_cloze_with_lora_and_dora(tiny_llama, tmp_path, monk
     outcome = run_study(s, tmp_path / "out", progress=False)
     assert not outcome.failed and len(outcome.ran) == 2
     df = load_runs(tmp_path / "out")
-    assert set(df["task"]) == {"cloze"} and df["accuracy"].between(0, 1).all()
+    assert set(df["task"]) == {"cloze"} and ((df["accuracy"] * 8).round(9) % 1 == 0).all()  # k of 8 dev examples
     text = outcome.report.read_text()
     assert "### task = cloze" in text and "accuracy" in text.split("## Paired comparisons")[1]

@@ -146,7 +146,7 @@ def test_teacher_objective_without_teacher_is_refused(tiny_llama, tmp_path):
     from postlab.config import parse_run_config
     from postlab.errors import ConfigError
     from postlab.run import run
-    from test_train import run_config, write_pairs
+    from helpers import run_config, write_pairs
 
     data = write_pairs(tmp_path / "p.tsv", 8)
     with pytest.raises(ConfigError, match="needs a teacher; set teacher: MODEL"):

@@ -23,7 +23,7 @@ from postlab.study import load_study
 from postlab.tasks import get_task
 from postlab.tasks.files import FileTask
 from postlab.tasks.sonnets import continuation_text, parse_sonnets
-from test_train import write_pairs
+from helpers import write_pairs
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

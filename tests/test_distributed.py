@@ -14,7 +14,7 @@ from postlab.config import parse_run_config
 from postlab.run import run
 
 from conftest import tolerance
-from test_train import final_weights, run_config, write_pairs
+from helpers import final_weights, run_config, write_pairs
 
 
 def free_port() -> int:

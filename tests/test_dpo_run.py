@@ -13,7 +13,7 @@ from postlab.models import load_lm
 from postlab.run import run
 from postlab.tasks import get_task
 
-from test_train import run_config, write_pairs
+from helpers import run_config, write_pairs
 
 
 def test_tiny_dpo_reward_accuracy_rises_above_09(tiny_llama, tmp_path):

@@ -7,7 +7,6 @@ bit-identical to an uninterrupted run's. The full set (20 train + 5 study kill p
 CI runs a reduced set, one kill point per kind of point."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -19,10 +18,9 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from test_study import tiny_study
-from test_train import write_pairs
+from helpers import outcome, tiny_study
+from helpers import write_pairs
 
-VOLATILE = {"tokens_per_s", "eval_s", "wall_s", "train_s", "prepare_s", "peak_mem_mb", "time", "reused_from"}
 
 
 def postlab(args: list[str], cache: Path, **env) -> subprocess.CompletedProcess:
@@ -58,19 +56,6 @@ def check_complete_files(root: Path) -> None:
             lines = p.read_text().splitlines()
             for line in lines[:-1]:
                 json.loads(line)
-
-
-def outcome(run_dir: Path) -> dict:
-    """Final weights (hashes of every model file) and metrics, without wall-clock fields."""
-    weights = {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-               for p in sorted(run_dir.rglob("*.safetensors")) if "checkpoint" not in p.parts or "model" in p.parts}
-    records = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        records.append({k: v for k, v in r.items() if k not in VOLATILE})
-    result = json.loads((run_dir / "result.json").read_text())
-    stages = [{k: v for k, v in s.items() if k not in VOLATILE} for s in result["stages"]]
-    return {"weights": weights, "records": records, "stages": stages}
 
 
 @pytest.fixture(scope="module")

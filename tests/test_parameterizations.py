@@ -14,7 +14,7 @@ from postlab.models import load_lm
 from postlab.parameterizations import REGISTRY, Parameterization, adapter_of, prepare, register
 from postlab.run import run
 
-from test_train import final_weights, run_config, write_pairs
+from helpers import final_weights, run_config, write_pairs
 
 
 def test_dora_stage_trains_adapter_and_magnitudes_keeps_base_and_reloads(tiny_llama, tmp_path):

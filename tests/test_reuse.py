@@ -13,7 +13,7 @@ from postlab.parameterizations import prepare
 from postlab.run import run
 from postlab.tasks.paraphrase import Paraphrase
 
-from test_train import final_weights, run_config, write_pairs
+from helpers import final_weights, run_config, write_pairs
 
 
 def test_fresh_lora_hashes_like_its_base_and_trained_lora_does_not(tiny_llama):

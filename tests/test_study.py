@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from postlab import study as st
 from postlab.cli import main
 from postlab.estimate import estimate
 from postlab.errors import ConfigError, DataError, TrainingError
 from postlab.report import find_incomplete, load_runs
+
+from helpers import tiny_study, write_study
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,11 +47,6 @@ def grid_study(tmp_path: Path, model: str = "tiny", **extra) -> dict:
     }
     tree.update(extra)
     return tree
-
-
-def write_study(path: Path, tree: dict) -> Path:
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
 
 
 def test_grid_expansion_variants_scalars_exclude_include(tmp_path):
@@ -190,21 +186,6 @@ def test_plan_estimate_and_measure(tmp_path, tiny_llama, capsys):
     assert notes["measured"] and any(t.startswith("measured here") for t in notes["throughput"])
     by = {e.run.run_id: e for e in est}
     assert by["regime=sft-to-dpo,seed=0"].train_tokens > by["regime=sft,seed=0"].train_tokens
-
-
-def tiny_study(tmp_path: Path, model: Path, regimes=("sft", "dpo"), seeds=(0, 1), epochs: int = 1) -> Path:
-    data = str(write_pairs(tmp_path / "pairs.tsv"))
-    all_regimes = {"sft": {"stages": [{"name": "sft", "objective": {"name": "nll"}}]},
-                   "dpo": {"stages": [{"name": "dpo", "objective": {"name": "dpo", "beta": 0.1}}]}}
-    tree = {
-        "name": "tiny",
-        "base": {"model": {"name": str(model), "device": "cpu", "precision": "fp32"},
-                 "task": {"name": "paraphrase", "train": data, "dev": data, "dev_limit": 8},
-                 "optim": {"lr": 1.0e-3, "batch_size": 4}, "epochs": epochs, "eval_at_start": False,
-                 "log_every": 1},
-        "axes": {"regime": {k: all_regimes[k] for k in regimes}, "seed": list(seeds)},
-    }
-    return write_study(tmp_path / "tiny.yaml", tree)
 
 
 def test_study_run_completes_writes_report_and_skips_on_rerun(tmp_path, tiny_llama, capsys):

@@ -18,32 +18,7 @@ from postlab.tasks import get_task
 from postlab.config import TaskConfig, StageConfig
 from postlab.train import MetricsLog, train_stage
 
-
-def write_pairs(path: Path, n: int = 24) -> Path:
-    lines = ["id\tsentence1\tsentence2\tis_duplicate"]
-    for i in range(n):  # the label is learnable from the subject word
-        label = int(i % 3 == 0)
-        subject = "cooking" if label else "physics"
-        lines.append(f"p{i}\tHow do I learn {subject} {i}?\tWhat is the best way to learn {subject} {i % 5}?\t{label}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def run_config(model: Path, out: Path, data: Path, precision: str = "fp32", **stage) -> dict:
-    base = {"name": "sft", "task": {"name": "paraphrase", "train": str(data), "dev": str(data), "dev_limit": 8},
-            "optim": {"lr": 1e-3, "batch_size": 4}, "epochs": 2, "log_every": 1}
-    for k, v in stage.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = {**base[k], **v}
-        else:
-            base[k] = v
-    # Tests of training train: no stage copied from another run (tests/test_reuse.py turns it on).
-    return {"model": {"name": str(model), "device": "cpu", "precision": precision}, "output_dir": str(out), "seed": 0,
-            "stages": [base], "reuse_stages": False}
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "0-sft" / "checkpoint" / "trainable.safetensors"))
+from helpers import final_weights, run_config, write_pairs
 
 
 def test_tiny_model_overfits_fixed_batch(tiny_llama):
@@ -201,7 +176,9 @@ def test_max_steps_zero_evaluates_the_starting_model_only(tiny_llama, tmp_path):
     data = write_pairs(tmp_path / "pairs.tsv")
     result = run(parse_run_config(run_config(tiny_llama, tmp_path / "run", data, max_steps=0, eval_at_start=False)))
     stage = result["stages"][0]
-    assert stage["steps"] == 0 and 0 <= stage["metrics"]["accuracy"] <= 1
+    base = get_task(TaskConfig(name="paraphrase", train=str(data), dev=str(data), dev_limit=8)).evaluate(
+        load_lm(str(tiny_llama), device="cpu", precision="fp32"))
+    assert stage["steps"] == 0 and stage["metrics"] == base  # exactly the base model's evaluation
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["split"] for r in rows] == ["dev"] and rows[0]["step"] == 0
     assert (tmp_path / "run" / "0-sft" / "eval" / "per_example.jsonl").is_file()  # the stage's result, not a start
