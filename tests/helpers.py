@@ -22,6 +22,7 @@ def write_pairs(path: Path, n: int = 24) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path
 
+
 def run_config(model: Path, out: Path, data: Path, precision: str = "fp32", **stage) -> dict:
     base = {"name": "sft", "task": {"name": "paraphrase", "train": str(data), "dev": str(data), "dev_limit": 8},
             "optim": {"lr": 1e-3, "batch_size": 4}, "epochs": 2, "log_every": 1}
@@ -50,7 +51,7 @@ def outcome(run_dir: Path) -> dict:
     return {"weights": weights, "records": records, "stages": stages}
 
 def tiny_study(tmp_path: Path, model: Path, regimes=("sft", "dpo"), seeds=(0, 1), epochs: int = 1) -> Path:
-    data = str(write_pairs(tmp_path / "pairs.tsv"))
+    data = str(write_pairs(tmp_path / "pairs.tsv", n=16))
     all_regimes = {"sft": {"stages": [{"name": "sft", "objective": {"name": "nll"}}]},
                    "dpo": {"stages": [{"name": "dpo", "objective": {"name": "dpo", "beta": 0.1}}]}}
     tree = {
@@ -62,6 +63,7 @@ def tiny_study(tmp_path: Path, model: Path, regimes=("sft", "dpo"), seeds=(0, 1)
         "axes": {"regime": {k: all_regimes[k] for k in regimes}, "seed": list(seeds)},
     }
     return write_study(tmp_path / "tiny.yaml", tree)
+
 
 def write_study(path: Path, tree: dict) -> Path:
     path.write_text(yaml.safe_dump(tree, sort_keys=False))

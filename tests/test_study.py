@@ -15,17 +15,9 @@ from postlab.estimate import estimate
 from postlab.errors import ConfigError, DataError, TrainingError
 from postlab.report import find_incomplete, load_runs
 
-from helpers import tiny_study, write_study
+from helpers import tiny_study, write_pairs, write_study
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_pairs(path: Path, n: int = 16) -> Path:
-    lines = ["id\tsentence1\tsentence2\tis_duplicate"]
-    for i in range(n):
-        lines.append(f"p{i}\tHow do I learn topic {i}?\tWhat is the best way to learn topic {i % 5}?\t{int(i % 3 == 0)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def grid_study(tmp_path: Path, model: str = "tiny", **extra) -> dict:
@@ -169,7 +161,7 @@ def test_presets_plan(capsys, monkeypatch):
 
 
 def test_plan_estimate_and_measure(tmp_path, tiny_llama, capsys):
-    write_pairs(tmp_path / "pairs.tsv")
+    write_pairs(tmp_path / "pairs.tsv", n=16)
     tree = grid_study(tmp_path, model=str(tiny_llama))
     tree["axes"] = {"regime": tree["axes"]["regime"], "seed": [0]}
     path = write_study(tmp_path / "grid.yaml", tree)
@@ -326,8 +318,8 @@ def test_demo_runs_a_study_on_the_data_dir_and_prints_the_main_table(tmp_path, t
     data = tmp_path / "data"
     (data / "quora").mkdir(parents=True)
     (data / "sonnets").mkdir()
-    write_pairs(data / "quora" / "quora-train.tsv")
-    write_pairs(data / "quora" / "quora-dev.tsv")
+    write_pairs(data / "quora" / "quora-train.tsv", n=16)
+    write_pairs(data / "quora" / "quora-dev.tsv", n=16)
     (data / "sonnets" / "sonnets.txt").write_text("1\n")
     tree = {"name": "mini",
             "base": {"model": {"name": str(tiny_llama), "device": "cpu", "precision": "fp32"}, "task": {"name": "paraphrase", "dev_limit": 8},

@@ -29,8 +29,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     overrides = list(a.overrides) + ([f"output_dir={a.output_dir}"] if a.output_dir else [])
     cfg = load_run_config(a.config, overrides)
-    if a.resume and not (Path(cfg.output_dir) / "config.yaml").is_file():
-        raise ConfigError(f"--resume: {cfg.output_dir} holds no run to resume (no config.yaml); drop --resume to start it")
+    if a.resume and not Path(cfg.output_dir).exists():  # (a run killed before it wrote anything resumes from scratch)
+        raise ConfigError(f"--resume: {cfg.output_dir} does not exist, so there is no run to resume; drop --resume to "
+                          f"start it (or check output_dir)")
     result = run(cfg, resume=a.resume)
     from . import distributed as dist
 

@@ -1,0 +1,269 @@
+"""Running a study: data checked before anything trains, runs one after another (or one shard of
+them), resumable, each failure recorded and the study going on; the plan as text; the report at the
+end."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..checkpoint import atomic_write_json, atomic_write_text
+from ..config import RunConfig, dump_config, parse_run_config
+from ..errors import ConfigError, PostlabError
+from ..estimate import RunEstimate, human_n, human_s
+from ..hub import is_hub_id
+from ..validate import output_location
+from .file import Study
+from .grid import PlannedRun, plan
+
+log = logging.getLogger("postlab")
+
+
+def check_data(runs: list[PlannedRun]) -> None:
+    """Read every distinct local data set the runs train and evaluate on (cheap next to training),
+    so a missing or malformed file stops the study before anything trains, naming the runs."""
+    from ..tasks import get_task
+
+    users: dict[str, tuple[Any, list[str]]] = {}
+    for r in runs:
+        for s in r.config.stages:
+            key = s.task.model_dump_json(exclude={"generation", "pairs", "overlength"})
+            users.setdefault(key, (s.task, []))[1].append(r.run_id)
+    problems = []
+    for task_cfg, rids in users.values():
+        sources = [getattr(task_cfg, k) for k in ("train", "dev", "dev_reference") if getattr(task_cfg, k)]
+        if any(is_hub_id(x) for x in sources):
+            continue  # a hub dataset id: not downloaded just to check it
+        try:
+            task = get_task(task_cfg)
+            task.train_examples()
+            task.dev_examples()
+        except PostlabError as e:
+            rids = list(dict.fromkeys(rids))
+            more = f" and {len(rids) - 1} more" if len(rids) > 1 else ""
+            problems.append(f"task {task_cfg.name} (run {rids[0]}{more}): {e}")
+    if problems:
+        raise ConfigError("data problems, found before training:\n  " + "\n  ".join(problems))
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+        raise ConfigError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/2")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_runs(runs: list[PlannedRun], shard: tuple[int, int] | None) -> list[PlannedRun]:
+    """Runs of shard i/n: those at plan index ≡ i (mod n); the shards partition the plan."""
+    if shard is None:
+        return list(runs)
+    i, n = shard
+    return [r for r in runs if r.index % n == i]
+
+
+def format_plan(study: Study, runs: list[PlannedRun], study_dir: Path, estimates: list[RunEstimate] | None = None,
+                notes: dict | None = None, shard: tuple[int, int] | None = None, total: int | None = None) -> str:
+    """The plan as text: one line per run (index, run id, stages), with estimates when given."""
+    total = len(runs) if total is None else total
+    sizes = " x ".join(f"{a.name} ({len(a.values)})" for a in study.axes)
+    product = math.prod(len(a.values) for a in study.axes)
+    rules = (f"; exclude {len(study.exclude)} rule(s), include {len(study.include)} rule(s)"
+             if study.exclude or study.include else "")
+    lines = [f"study {study.name} ({study.path}): {total} run(s) -> {study_dir}/runs/<run id>/",
+             f"  grid: {sizes} = {product}{rules}"]
+    if study.description:
+        lines.append(f"  {study.description.strip()}")
+    if shard:
+        lines.append(f"  shard {shard[0]}/{shard[1]}: {len(runs)} of {total} run(s)")
+    est = {e.run.run_id: e for e in estimates or []}
+    table = [["#", "run id", "stages (examples x epochs)"] + (["est. tokens", "est. time"] if estimates is not None else [])]
+    for r in runs:
+        e = est.get(r.run_id)
+        if e is None:
+            table.append([str(r.index), r.run_id, ", ".join(f"{s.name} ?x{s.epochs}" for s in r.config.stages)])
+            continue
+        stages = ", ".join(f"{s.name} (reused)" if s.reused else
+                           f"{s.name} {s.examples if s.examples is not None else '?'}x{s.epochs:g}" for s in e.stages)
+        table.append([str(r.index), r.run_id, stages, human_n(e.train_tokens), human_s(e.seconds)])
+    widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(table[0]))]
+    right = {0, 3, 4}
+    lines.append("")
+    for row in table:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append(("  " + "  ".join(cells)).rstrip())
+    if estimates is not None:
+        notes = notes or {}
+        secs = [e.seconds for e in estimates]
+        known = [s for s in secs if s is not None]
+        toks = sum(e.train_tokens for e in estimates if e.train_tokens is not None)
+        tps = notes.get("throughput", [])
+        lines += ["", f"  total: {len(runs)} run(s), ~{human_n(toks)} training tokens, ~{human_s(sum(known))} "
+                      f"one run after another" + (f" ({len(secs) - len(known)} run(s) not estimated)"
+                                                  if len(known) < len(secs) else ""),
+                  "  These are estimates. Tokens: " + notes.get("tokens", "?") + ". Throughput: " + "; ".join(tps)
+                  + ("" if notes.get("measured")
+                     else " (pass --measure to time training steps of the configured model here)")
+                  + ". Time includes reference log-probs, evaluation and generation roughly; LoRA is assumed "
+                    "as fast as full fine-tuning. A stage marked (reused) is identical to an earlier run's "
+                    "(same model, seed and stages so far) and is copied, not trained."]
+        lines += [f"  data problem (such runs would fail): {u}" for u in notes.get("unavailable", [])]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class StudyOutcome:
+    study_dir: Path
+    ran: list[str] = field(default_factory=list)  # trained to completion in this call
+    skipped: list[str] = field(default_factory=list)  # already complete
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (run id, first line of the error)
+    report: Path | None = None
+
+
+def run_dir(study_dir: Path, rid: str) -> Path:
+    return study_dir / "runs" / rid
+
+
+def run_config(study_dir: Path, r: PlannedRun) -> RunConfig:
+    return parse_run_config({**r.tree, "output_dir": str(run_dir(study_dir, r.run_id))}, source=f"run {r.run_id}")
+
+
+def _sync_output_dir(out: Path, cfg: RunConfig) -> None:
+    """A study directory that moved (or was named another way) still resumes: when the saved config
+    differs from the new one only in output_dir, rewrite it."""
+    saved = out / "config.yaml"
+    if not saved.is_file() or saved.read_text() == dump_config(cfg):
+        return
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError:
+        return
+    new = cfg.model_dump(mode="json")
+    if isinstance(old, dict) and {**old, "output_dir": None} == {**new, "output_dir": None}:
+        atomic_write_text(saved, dump_config(cfg))
+
+
+def _add_axes(out: Path, axes: dict[str, Any]) -> None:
+    """Put the run's axes into its result.json (atomically) if they are not there yet."""
+    path = out / "result.json"
+    result = json.loads(path.read_text(encoding="utf-8"))
+    if result.get("axes") != axes:
+        result["axes"] = axes
+        atomic_write_json(path, result)
+
+
+def _complete(out: Path) -> bool:
+    path = out / "result.json"
+    if not path.is_file():
+        return False
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def run_study(study: Study, study_dir: str | Path | None = None, shard: tuple[int, int] | None = None,
+              runs: list[PlannedRun] | None = None, progress: bool = True, report: bool | None = None) -> StudyOutcome:
+    """Run every run of `study` (or of one shard) in `study_dir`, skipping complete runs and
+    resuming interrupted ones. A run that fails is recorded (error.txt) and the study goes on.
+    Writes the report at the end unless sharded (or `report` says otherwise)."""
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from ..run import run
+
+    study_dir = output_location(study_dir if study_dir is not None else study.default_dir(), "study directory")
+    runs = plan(study) if runs is None else runs
+    mine = shard_runs(runs, shard)
+    check_data([r for r in mine if not _complete(run_dir(study_dir, r.run_id))])
+    study_dir.mkdir(parents=True, exist_ok=True)
+    saved = study_dir / "study.yaml"
+    if saved.is_file() and saved.read_text(encoding="utf-8") != study.text:
+        log.warning("%s differs from %s: runs whose config changed will fail (a run resumes only with the same "
+                    "config); the copy is replaced", saved, study.path)
+    atomic_write_text(saved, study.text)
+    atomic_write_json(study_dir / "plan.json", {
+        "study": study.name, "source": str(study.path),
+        "runs": [{"index": r.index, "run_id": r.run_id, "axes": r.axes} for r in runs]})
+    outcome = StudyOutcome(study_dir)
+    done_times: list[float] = []
+    todo = []
+    for r in mine:
+        out = run_dir(study_dir, r.run_id)
+        atomic_write_json(out / "axes.json", r.axes)
+        if _complete(out):
+            _add_axes(out, r.axes)
+            outcome.skipped.append(r.run_id)
+        else:
+            todo.append(r)
+    if outcome.skipped:
+        log.info("study %s: %d of %d run(s) already complete", study.name, len(outcome.skipped), len(mine))
+    bar = tqdm(total=len(mine), initial=len(outcome.skipped), position=0, desc=f"study {study.name}", unit="run",
+               dynamic_ncols=True, disable=not progress,
+               bar_format="{desc}: {n}/{total} runs |{bar}| {elapsed}{postfix}")
+    redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
+    try:
+        with redirect:
+            for k, r in enumerate(todo):
+                out = run_dir(study_dir, r.run_id)
+                left = len(todo) - k
+                eta = human_s(sum(done_times) / len(done_times) * left) if done_times else "?"
+                bar.set_postfix_str(f"now {r.run_id}, ETA {eta}")
+                log.info("study %s: run %d/%d %s", study.name, len(outcome.skipped) + k + 1, len(mine), r.run_id)
+                t0 = time.perf_counter()
+                try:
+                    cfg = run_config(study_dir, r)
+                    _sync_output_dir(out, cfg)
+                    run(cfg, resume=True)
+                    _add_axes(out, r.axes)
+                except Exception as e:  # noqa: BLE001 - one failed run must not end the study
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    detail = (f"{type(e).__name__}: {e}\n" if isinstance(e, PostlabError)
+                              else f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+                    atomic_write_text(out / "error.txt", detail)
+                    outcome.failed.append((r.run_id, first))
+                    log.error("study %s: run %s failed: %s (details in %s)", study.name, r.run_id, first,
+                              out / "error.txt")
+                else:
+                    (out / "error.txt").unlink(missing_ok=True)
+                    done_times.append(time.perf_counter() - t0)
+                    outcome.ran.append(r.run_id)
+                bar.update(1)
+            bar.set_postfix_str("done")
+    finally:
+        bar.close()
+    if (report if report is not None else shard is None):
+        from ..report import write_report
+
+        outcome.report = write_report(study_dir)
+    return outcome
+
+
+def format_outcome(o: StudyOutcome, shard: tuple[int, int] | None) -> str:
+    lines = [f"study {o.study_dir}: {len(o.ran)} run(s) trained, {len(o.skipped)} already complete, "
+             f"{len(o.failed)} failed" + (f" (shard {shard[0]}/{shard[1]})" if shard else "")]
+    for rid, msg in o.failed:
+        lines.append(f"  FAILED {rid}: {msg} (see {run_dir(o.study_dir, rid)}/error.txt)")
+    if o.failed:
+        lines.append("  rerun the same command to retry the failed runs (complete runs are skipped)")
+    if o.report:
+        lines.append(f"report: {o.report}")
+    elif shard:
+        lines.append(f"when every shard is done (copy their runs/ folders into one study dir): "
+                     f"postlab study report {o.study_dir}")
+    return "\n".join(lines)
