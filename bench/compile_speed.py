@@ -25,7 +25,8 @@ def worker(mode: str, n: int, batch: int, data: str) -> dict:
     from postlab.config import StageConfig
     from postlab.data import score_batch, tokenize
     from postlab.logprobs import score
-    from postlab.models import decoder_and_head, load_lm
+    from postlab.decoder import decoder_and_head
+    from postlab.models import load_lm
     from postlab.objectives import TokenLogps, get_objective
     from postlab.train import make_optimizer
 

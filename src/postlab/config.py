@@ -11,7 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, format_validation_error  # noqa: F401 (format_validation_error: re-exported)
+from .tasks.base import GenerationConfig, PairsConfig, TaskConfig  # noqa: F401 (tasks own their config; re-exported)
 
 
 class Strict(BaseModel):
@@ -44,83 +45,6 @@ class ParameterizationConfig(BaseModel):
             return normalized_config(data)
         except ConfigError as e:
             raise ValueError(str(e)) from None
-
-
-class GenerationConfig(Strict):
-    greedy: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int = Field(160, gt=0)
-    seed: int = 0
-    # Decoding reads every weight once per step whatever the batch, so bigger batches are cheaper per
-    # sequence (hand-timed on 2 CPU cores: roughly half the time per sequence at 48 as at 12).
-    batch_size: int = Field(48, gt=0)
-
-
-class PairsConfig(Strict):
-    """How preference pairs are built for a task without pairs of its own (sonnets): chosen = the
-    true continuation, rejected = continuations sampled from a model. Ignored by tasks that have
-    their own pairs (paraphrase, file)."""
-
-    # stage-start: the policy as the preference stage begins (the SFT model in SFT->DPO, the base
-    # model in DPO-only); base: the run's base model; anything else: a path to a checkpoint.
-    rejected_from: Literal["stage-start", "base"] | str = "stage-start"
-    # same-sonnet: k samples per training prompt, each a rejected answer; top-k: n samples per
-    # prompt, the k least similar to the truth (lowest chrF) kept as rejected answers.
-    strategy: Literal["same-sonnet", "top-k"] = "same-sonnet"
-    k: int = Field(1, gt=0)
-    n: int = Field(4, gt=0)
-    generation: GenerationConfig = GenerationConfig()  # sampling settings (seeded)
-
-    @model_validator(mode="after")
-    def _check_counts(self) -> "PairsConfig":
-        if self.strategy == "top-k" and self.n < self.k:
-            raise ValueError(f"top-k keeps k of n samples, so n must be >= k (got n={self.n}, k={self.k})")
-        draws = self.n if self.strategy == "top-k" else self.k
-        if self.generation.greedy and draws > 1:
-            raise ValueError(f"generation.greedy draws {draws} identical samples per prompt; sample instead "
-                             f"(greedy: false) or draw one (k=1 with same-sonnet)")
-        return self
-
-
-class TaskConfig(BaseModel):
-    """The fields every task reads, plus the named task's own options under its name (e.g.
-    `cloze: {template: ..., labels: ...}`), validated by the task (postlab.tasks)."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str = "paraphrase"  # a registered task: paraphrase | sonnets | file | cloze
-    train: str | None = None  # path (TSV/TXT/JSONL/CSV/Parquet) or hub dataset id
-    dev: str | None = None
-    dev_reference: str | None = None  # sonnets: the true held-out sonnets
-    train_limit: int | None = Field(None, gt=0)
-    dev_limit: int | None = Field(None, gt=0)
-    # A prompt+completion longer than the model allows: refuse (error) or truncate the prompt's start.
-    overlength: Literal["refuse", "truncate"] = "refuse"
-    # Training completions (SFT answers; chosen and rejected) cut to their first N tokens, like TRL's
-    # max_completion_length: bounds the cost of long answers. A cut answer gets no EOS.
-    max_completion_tokens: int | None = Field(None, gt=0)
-    generation: GenerationConfig = GenerationConfig()
-    pairs: PairsConfig = PairsConfig()  # preference pairs for tasks that sample rejected answers
-    # Train on these records instead of the task's own training data (prompt/completion for SFT-kind
-    # objectives, prompt/chosen/rejected for preference ones; any format task `file` reads), while
-    # the task's dev data and metrics still evaluate: e.g. a teacher's responses (`postlab distill sample`).
-    train_records: str | None = None
-    # Extra evaluation: name -> a prompt/completion file; metric `<name>_logp` = the mean per-token
-    # log-likelihood of its completions (e.g. held-out teacher responses: `teacher_logp`).
-    score_records: dict[str, str] = {}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _task_options(cls, data: Any) -> Any:
-        from .tasks import normalized_config
-
-        return normalized_config(data)
-
-    def evaluation_settings(self) -> dict:
-        """The fields that decide what evaluation measures (dev data, metrics, generation), without
-        the training-only ones: two stages that agree here evaluate the same weights identically."""
-        return self.model_dump(mode="json", exclude={"train", "train_limit", "pairs", "max_completion_tokens",
-                                                     "train_records"})
 
 
 class OptimConfig(Strict):
@@ -205,18 +129,6 @@ class RunConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
         return stages
-
-
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        where = ".".join(p for p in (prefix, loc) if p)
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the config reference in README.md)"
-        lines.append(f"{where or '<root>'}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict) else ""))
-    return "invalid config:\n  " + "\n  ".join(lines)
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:

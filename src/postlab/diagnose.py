@@ -18,7 +18,8 @@ from .cache import cached_token_logps
 from .checkpoint import atomic_write_json, atomic_write_text
 from .data import Pair, score_batch, tokenize
 from .logprobs import token_logps
-from .models import LM, decoder_and_head
+from .decoder import decoder_and_head
+from .models import LM
 from .objectives import implicit_reward
 
 

@@ -159,12 +159,3 @@ class Replicated:
 
     def finish(self, lm) -> None:
         """After the last step: `lm.model` is the whole trained model on every process."""
-
-
-def strategy(parallel: str):
-    """`parallel: ddp` (or one process): Replicated; `parallel: fsdp` with several processes: FullyShard."""
-    if parallel == "fsdp" and world_size() > 1:
-        from .fsdp import FullyShard
-
-        return FullyShard()
-    return Replicated()

@@ -8,15 +8,19 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .config import ModelConfig, StageConfig
+from .config import ModelConfig, RunConfig, StageConfig
 from .errors import PostlabError
 
 log = logging.getLogger("postlab")
 
-if TYPE_CHECKING:
-    from .study import PlannedRun
+
+class PlannedRun(Protocol):
+    """What an estimate needs of a planned run (postlab.study.PlannedRun has it)."""
+
+    run_id: str
+    config: RunConfig
 
 # Throughput defaults, for a ~135M-parameter model (SmolLM2-135M) with this training loop.
 # cpu: measured on a 2-core x86 machine: a full fine-tuning step of 8x128 tokens takes ~4.5 s

@@ -18,7 +18,7 @@ import torch
 
 from . import distributed as dist
 from .errors import ConfigError, TrainingError
-from .models import HIDDEN_METHOD, decoder_and_head
+from .decoder import HIDDEN_METHOD, decoder_and_head
 
 log = logging.getLogger("postlab")
 
@@ -141,3 +141,12 @@ class FullyShard:
 
         _fill(self.plain, get_model_state_dict(self.sharded, options=_options()))  # on every process
         lm.model, self.sharded = self.plain, None
+
+
+def strategy(parallel: str):
+    """How processes share a stage's work: `parallel: ddp` (or a single process) -> distributed.Replicated;
+    `parallel: fsdp` with several processes -> FullyShard (this module knows both; distributed.py
+    knows nothing of sharding)."""
+    if parallel == "fsdp" and dist.world_size() > 1:
+        return FullyShard()
+    return dist.Replicated()

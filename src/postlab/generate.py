@@ -5,8 +5,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .config import GenerationConfig
+from typing import TYPE_CHECKING
+
 from .models import LM
+
+if TYPE_CHECKING:
+    from .config import GenerationConfig
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import faults
 from .data import Example, ScoreBatch, score_batch, tokenize
-from .models import LM, decoder_and_head
+from .decoder import decoder_and_head
+from .models import LM
 
 CHUNK_ROWS = 512
 

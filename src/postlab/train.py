@@ -20,6 +20,7 @@ from .checkpoint import existing_dir, load_checkpoint, save_checkpoint
 from .config import StageConfig
 from .data import Tokenized, length_grouped_batches, score_batch
 from .errors import TrainingError
+from .fsdp import strategy as parallel_strategy
 from .logprobs import score
 from .models import LM
 from .objectives import ObjectiveArgs, ObjectiveSpec, PairLogps, TokenLogps
@@ -161,7 +162,7 @@ def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveAr
     else:
         metrics.truncate_after(cfg.name, -1)  # a run killed before its first checkpoint starts the stage over
         torch.manual_seed(seed)
-    par = dist.strategy(parallel)
+    par = parallel_strategy(parallel)
     model = par.prepare(lm)  # lm.model, or (fsdp) its sharded copy
     opt, sched = make_optimizer(model, cfg, total, fused=par.fused_optimizer())
     if resumed:

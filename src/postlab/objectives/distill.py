@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from . import ObjectiveArgs, PairLogps, TokenLogps, register
+from .base import ObjectiveArgs, PairLogps, TokenLogps, register
 from .divergence import bucket_kl, generalized_jsd, masked_mean, with_tail
 from .preference import DPOArgs, _rewards, dpo
 

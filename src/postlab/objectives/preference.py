@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from . import ObjectiveArgs, PairLogps, implicit_reward, register
+from .base import ObjectiveArgs, PairLogps, implicit_reward, register
 from .sft import nll
 
 Out = tuple[torch.Tensor, dict[str, torch.Tensor]]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from . import ObjectiveArgs, TokenLogps, implicit_reward, register
+from .base import ObjectiveArgs, TokenLogps, implicit_reward, register
 from .divergence import bucket_kl, masked_mean, with_tail
 
 Out = tuple[torch.Tensor, dict[str, torch.Tensor]]

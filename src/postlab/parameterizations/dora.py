@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register
+from .base import register
 from .lora import LoRA
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Parameterization, register
+from .base import Parameterization, register
 
 
 @register

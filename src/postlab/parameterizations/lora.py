@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
-from . import Parameterization, register
+from .base import Parameterization, register
 
 
 class LoraOptions(BaseModel):

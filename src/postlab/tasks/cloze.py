@@ -30,7 +30,7 @@ from ..errors import ConfigError, DataError
 from ..logprobs import score_all
 from ..metrics import MetricSpec, class_stats
 from ..models import LM
-from . import Task, register_task
+from .base import Task, register_task
 from .files import read_records
 
 

@@ -31,7 +31,7 @@ from ..hub import is_hub_id
 from ..logprobs import completion_nll_per_example
 from ..metrics import MetricSpec
 from ..models import LM
-from . import Task, read_text, register_task, require_file
+from .base import Task, read_text, register_task, require_file
 
 SFT_COLUMNS = ("prompt", "completion")
 PREF_COLUMNS = ("prompt", "chosen", "rejected")

@@ -15,7 +15,7 @@ from ..errors import DataError
 from ..hub import is_hub_id
 from ..metrics import MetricSpec
 from ..models import LM
-from . import Task, data_dir, read_text, register_task, require_file
+from .base import Task, data_dir, read_text, register_task, require_file
 from .cloze import classification_metrics, classification_report, classify  # noqa: F401 (classification_metrics: re-exported)
 
 TEMPLATE = 'Question 1: "{q1}"\nQuestion 2: "{q2}"\nDo these two questions ask the same thing? Answer:'

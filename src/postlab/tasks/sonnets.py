@@ -35,7 +35,7 @@ from ..generate import generate
 from ..logprobs import completion_nll_per_example
 from ..metrics import MetricSpec, chrf_stats, sentence_chrf
 from ..models import LM
-from . import EvalCost, SampledRejected, Task, data_dir, read_text, register_task, require_file
+from .base import EvalCost, SampledRejected, Task, data_dir, read_text, register_task, require_file
 
 log = logging.getLogger("postlab")
 
