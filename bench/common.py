@@ -17,7 +17,7 @@ from postlab.config import StageConfig
 from postlab.data import Example, Pair, tokenize
 from postlab.objectives import get_objective
 from postlab.parameterizations import prepare
-from postlab.train import MetricsLog, train_stage
+from postlab.train import MetricsLog, StageInputs, StagePlan, train_stage
 
 
 def case_data(task: str, kind: str, n: int, data: str) -> list[Example] | list[Pair]:
@@ -55,8 +55,9 @@ def postlab_stage(lm, objective: str, raw, batch: int, lr: float, append_eos: bo
         t0 = time.perf_counter()
         ref = cached_token_logps(lm, items, "reference", 32, Path(d)) if spec.needs_reference else None
         t_ref = time.perf_counter() - t0
-        out = train_stage(lm, cfg, spec, spec.args(**{k: v for k, v in obj.items() if k != "name"}), items, Path(d),
-                          0, MetricsLog(Path(d) / "m.jsonl"), lambda step: {}, ref)
+        args = spec.args(**{k: v for k, v in obj.items() if k != "name"})
+        out = train_stage(lm, StagePlan(cfg, spec, args, items, Path(d), 0, StageInputs(reference=ref)),
+                          MetricsLog(Path(d) / "m.jsonl"), lambda step: {})
         seconds = time.perf_counter() - t0
         losses = [r["loss"] for r in map(json.loads, (Path(d) / "m.jsonl").read_text().splitlines())
                   if r.get("split") == "train" and "loss" in r]

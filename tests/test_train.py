@@ -16,7 +16,7 @@ from postlab.objectives import get_objective
 from postlab.run import run
 from postlab.tasks import get_task
 from postlab.config import TaskConfig, StageConfig
-from postlab.train import MetricsLog, train_stage
+from postlab.train import MetricsLog, StagePlan, train_stage
 
 from helpers import final_weights, run_config, write_pairs
 
@@ -32,7 +32,7 @@ def test_tiny_model_overfits_fixed_batch(tiny_llama):
 
     with tempfile.TemporaryDirectory() as d:
         log = MetricsLog(Path(d) / "metrics.jsonl")
-        train_stage(lm, cfg, spec, spec.args(), items, Path(d), 0, log, lambda step: {})
+        train_stage(lm, StagePlan(cfg, spec, spec.args(), items, Path(d), 0), log, lambda step: {})
         losses = [r["loss"] for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
 

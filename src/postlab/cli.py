@@ -92,11 +92,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .parameterizations import adapter_of, plain, save_model
 
     lm = load_lm(a.checkpoint, "cpu", "fp32")
-    if a.merge:
-        lm.model = plain(lm.model)
-    elif adapter_of(lm.model) is not None:
+    model = plain(lm.model) if a.merge else lm.model
+    if adapter_of(model) is not None:
         log.info("exporting the adapter as-is (add --merge for a full checkpoint)")
-    save_model(lm.model, lm.tokenizer, Path(a.out), lm.source)
+    save_model(model, lm.tokenizer, Path(a.out), lm.source)
     print(f"wrote {a.out}")
     return 0
 

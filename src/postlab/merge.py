@@ -10,6 +10,7 @@ is a plain Hugging Face checkpoint (safetensors + config + tokenizer), loadable 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,8 +25,7 @@ log = logging.getLogger("postlab")
 def load_full(path: str) -> LM:
     """A checkpoint as a plain (non-PEFT) fp32 model on the CPU; adapters are merged into their base."""
     lm = load_lm(path, "cpu", "fp32")
-    lm.model = plain(lm.model)
-    return lm
+    return replace(lm, model=plain(lm.model))
 
 
 def linear_combination(states: list[dict[str, torch.Tensor]], coefficients: list[float]) -> dict[str, torch.Tensor]:
@@ -89,7 +89,6 @@ def write(lm: LM, out: Path, note: dict) -> Path:
     from .checkpoint import atomic_write_text
     from .parameterizations import save_model
 
-    lm.source = str(out)
-    save_model(lm.model, lm.tokenizer, out, lm.source)
+    save_model(lm.model, lm.tokenizer, out, base_source=str(out))  # a full model: it is its own base
     atomic_write_text(out / "postlab_merge.json", json.dumps(note, indent=2))
     return out

@@ -118,6 +118,5 @@ def write(lm: LM, out: Path, report: dict) -> None:
     from .checkpoint import atomic_write_text
     from .parameterizations import save_model
 
-    lm.source = str(out)
-    save_model(lm.model, lm.tokenizer, out, lm.source)
+    save_model(lm.model, lm.tokenizer, out, base_source=str(out))  # a full model: it is its own base
     atomic_write_text(out / "prune.json", json.dumps(report, indent=2))

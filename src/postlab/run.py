@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from dataclasses import replace
 import subprocess
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from .validate import output_location
 from .parameterizations import adapter_of, count_parameters, describe, prepare, save_model
 from .preferences import build_pairs, needs_sampler
 from .tasks import evaluate_task, get_task, records_fingerprint, training_task
-from .train import MetricsLog, train_stage
+from .train import MetricsLog, StageInputs, StagePlan, train_stage
 
 log = logging.getLogger("postlab")
 
@@ -209,7 +210,8 @@ def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
         if pending is not None:
             lm = load_lm(str(pending), m.device, m.precision, m.trust_remote_code, m.max_length)
             pending = None
-        stages.append(run_stage(lm, cfg, i, stage, sdir, metrics, last=last))
+        done, lm = run_stage(lm, cfg, i, stage, sdir, metrics, last=last)
+        stages.append(done)
         register_stage(cfg, i, sdir)
     result = {"run_id": out.name, "task": cfg.stages[-1].task.name, "metrics": stages[-1]["metrics"], "stages": stages,
               "wall_s": round(time.perf_counter() - t0, 2), "device": stages[-1].get("device"),
@@ -300,9 +302,12 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, metrics: MetricsLog,
-              last: bool = True) -> dict:
+              last: bool = True) -> tuple[dict, LM]:
+    """Train stage `i`; returns its done.json record and the LM the next stage starts from (the
+    trained model, and as `source` where its base weights are on disk: what an adapter names)."""
     torch.manual_seed(cfg.seed + i)  # an adapter's initialisation is part of the seeded run
-    lm.model, merged = prepare(lm.model, stage.parameterization)
+    model, merged = prepare(lm.model, stage.parameterization)
+    lm = replace(lm, model=model)
     if merged:
         # The earlier adapter was merged: this stage's base exists only in memory, so write it out
         # (a new adapter must name a base that loads from disk).
@@ -311,7 +316,7 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
             base.save_pretrained(sdir / "base", safe_serialization=True)
             lm.tokenizer.save_pretrained(sdir / "base")
         dist.barrier()
-        lm.source = str(sdir / "base")
+        lm = replace(lm, source=str(sdir / "base"))
     log.info("stage %s: %s, objective %s, %s", stage.name, stage.parameterization.method, stage.objective.name,
              describe(lm.model))
     t_prepare = time.perf_counter()
@@ -335,8 +340,8 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
     start = None
     if stage.expo_lambda is not None:  # ExPO needs the stage's starting weights
         start = {k: v.clone() for k, v in trainable_state(lm.model).items()}
-    summary = train_stage(lm, stage, spec, args, items, sdir, cfg.seed * 100 + i, metrics, evaluate, **cached,
-                          parallel=cfg.parallel)
+    plan = StagePlan(stage, spec, args, items, sdir, cfg.seed * 100 + i, StageInputs(**cached), cfg.parallel)
+    summary = train_stage(lm, plan, metrics, evaluate)
     if start is not None:
         extrapolate_in_place(lm.model, start, stage.expo_lambda)
         summary["metrics"] = evaluate(summary["steps"])
@@ -347,7 +352,7 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
             save_model(lm.model, lm.tokenizer, sdir / "model", lm.source)
         dist.barrier()
         if adapter_of(lm.model) is None:
-            lm.source = str(sdir / "model")
+            lm = replace(lm, source=str(sdir / "model"))
     trainable, total = count_parameters(lm.model)
     done = {"name": stage.name, "objective": stage.objective.name, "parameterization": stage.parameterization.method,
             "trainable_params": trainable, "total_params": total, "examples": len(items), **summary,
@@ -356,4 +361,4 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
         atomic_write_json(sdir / "done.json", done)
     faults.point("stage-done")
     dist.barrier()
-    return done
+    return done, lm

@@ -7,7 +7,7 @@ import json
 import logging
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -129,146 +129,223 @@ def make_optimizer(model: torch.nn.Module, cfg: StageConfig, total_steps: int, f
     return opt, sched
 
 
-def train_stage(lm: LM, cfg: StageConfig, spec: ObjectiveSpec, args: ObjectiveArgs, items: list[Tokenized],
-                stage_dir: Path, seed: int, metrics: MetricsLog, evaluate: Callable[[int], dict[str, float]],
-                reference: list[list[torch.Tensor]] | None = None,
-                teacher: list[list[torch.Tensor]] | None = None,
-                topk: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None,
-                parallel: str = "ddp") -> dict:
-    """Train `lm.model` in place on `items` with `spec`; resumes from `stage_dir/checkpoint` when
-    present. Returns a summary (steps, tokens, wall time, peak memory, last losses, eval metrics).
-    `reference`/`teacher`: cached per-token log-probs; `topk`: cached (log-probs, token ids) of the
-    reference's or teacher's k most likely tokens at each completion position. `parallel`: how
-    several processes share the work (ddp or fsdp; see distributed.py and fsdp.py)."""
-    device = lm.device
-    lengths = [it.length for it in items]
-    schedule = Schedule(lambda e: length_grouped_batches(lengths, cfg.optim.batch_size, seed * 1000 + e,
-                                                         cfg.group_by_length),
+@dataclass
+class StageInputs:
+    """The cached constants an objective declares it needs (its roles), per training item: per-token
+    log-probs of the reference and of the teacher, and (log-probs, token ids) of the top-k tokens of
+    the one the objective compares whole distributions with. Computed once before the stage."""
+
+    reference: list[list[torch.Tensor]] | None = None
+    teacher: list[list[torch.Tensor]] | None = None
+    topk: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None
+
+    def for_batch(self, idx: list[int], n_slots: int, device: torch.device) -> tuple[dict, torch.Tensor | None]:
+        """(the objective's cached fields laid out like the batch's log-probs, the top-k token ids to
+        score the policy at, or None)."""
+        cached = {name: cached_logps(c, idx, n_slots).to(device)
+                  for name, c in (("reference", self.reference), ("teacher", self.teacher)) if c is not None}
+        if self.topk is None:
+            return cached, None
+        cached["topk_target"] = cached_logps(self.topk[0], idx, n_slots).to(device)
+        return cached, cached_logps(self.topk[1], idx, n_slots).to(device)
+
+
+@dataclass
+class StagePlan:
+    """Everything a stage trains with, parsed and built once (postlab.run builds it)."""
+
+    cfg: StageConfig
+    spec: ObjectiveSpec
+    args: ObjectiveArgs  # the objective's knobs, parsed
+    items: list[Tokenized]
+    stage_dir: Path
+    seed: int
+    inputs: StageInputs = field(default_factory=StageInputs)
+    parallel: str = "ddp"  # how several processes share the work (ddp or fsdp; see distributed.py, fsdp.py)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.stage_dir / "checkpoint"
+
+
+@dataclass
+class Progress:
+    """Where a stage is; saved with each checkpoint and restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    group: int = 0  # the next optimizer step's index within the epoch
+    tokens: int = 0
+    wall_s: float = 0.0
+    last_eval: dict = field(default_factory=dict)
+
+
+def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog, evaluate: Callable[[int], dict[str, float]]) -> dict:
+    """Train `lm.model` in place as `plan` says, resuming from the stage's checkpoint when there is
+    one. Returns a summary (steps, tokens, wall time, peak memory, device, the last dev metrics)."""
+    cfg = plan.cfg
+    schedule = Schedule(lambda e: length_grouped_batches([it.length for it in plan.items], cfg.optim.batch_size,
+                                                         plan.seed * 1000 + e, cfg.group_by_length),
                         cfg.optim.grad_accum, cfg.epochs, cfg.max_steps)
     total = schedule.total_steps
     if cfg.optim.batch_size < dist.world_size():
         raise TrainingError(f"stage {cfg.name}: optim.batch_size={cfg.optim.batch_size} is smaller than the "
                             f"{dist.world_size()} processes sharing each micro-batch; raise it or launch fewer")
-    ckpt = stage_dir / "checkpoint"
-    step, epoch, group0, tokens, wall0 = 0, 0, 0, 0, 0.0
-    last_eval: dict[str, float] = {}
-    resumed = existing_dir(ckpt) is not None
-    if resumed:
-        optim_state, sched_state, state = load_checkpoint(ckpt, lm.model)
-        step, epoch, group0, tokens, wall0 = (state["step"], state["epoch"], state["group"], state["tokens"], state["wall_s"])
-        last_eval = state.get("last_eval", {})
-        metrics.truncate_after(cfg.name, step)
-        log.info("stage %s: resuming at step %d/%d (epoch %d)", cfg.name, step, total, epoch + 1)
-    else:
-        metrics.truncate_after(cfg.name, -1)  # a run killed before its first checkpoint starts the stage over
-        torch.manual_seed(seed)
-    par = parallel_strategy(parallel)
+    at, saved = _resume(lm, plan, metrics, total)
+    par = parallel_strategy(plan.parallel)
     model = par.prepare(lm)  # lm.model, or (fsdp) its sharded copy
     opt, sched = make_optimizer(model, cfg, total, fused=par.fused_optimizer())
-    if resumed:
-        try:
-            par.load_optimizer_state(model, opt, optim_state)
-        except TrainingError as e:
-            raise TrainingError(f"{existing_dir(ckpt)}: {e}") from None
-        sched.load_state_dict(sched_state)
-
-    t_start = time.perf_counter() - wall0
-
-    def checkpoint(ep: int, group: int) -> None:
-        weights, optim_state = par.checkpoint_state(model, opt)  # gathered to the main process
-        if dist.is_main():
-            save_checkpoint(ckpt, weights, optim_state, sched, {"step": step, "epoch": ep, "group": group, "tokens": tokens,
-                                                      "wall_s": time.perf_counter() - t_start, "last_eval": last_eval})
-        dist.barrier()
-
-    def run_eval(ep_float: float) -> None:
-        nonlocal last_eval
-        with par.whole_model(lm):
-            if dist.is_main():  # the other processes wait at the barrier
-                t = time.perf_counter()
-                last_eval = evaluate(step)
-                metrics.write({"stage": cfg.name, "split": "dev", "step": step, "epoch": round(ep_float, 4),
-                               "eval_s": round(time.perf_counter() - t, 2), **last_eval})
-            dist.barrier()
-
-    if step == 0 and (cfg.eval_at_start or total == 0):  # max_steps: 0 evaluates only
-        run_eval(0.0)
+    if saved is not None:
+        _restore_optimizer(par, model, opt, sched, saved, plan.checkpoint)
+    t_start = time.perf_counter() - at.wall_s
+    if at.step == 0 and (cfg.eval_at_start or total == 0):  # max_steps: 0 evaluates only
+        _evaluate(lm, par, at, evaluate, metrics, cfg.name, 0.0)
     model.train()
-    pad = lm.tokenizer.pad_token_id
-    bar = tqdm(total=total, initial=step, desc=f"{cfg.name} ({spec.name})", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total, initial=at.step, desc=f"{cfg.name} ({plan.spec.name})", unit="step", dynamic_ncols=True,
                disable=not dist.is_main())
-    grad_norm_ema, window_tokens, window_t = None, 0, time.perf_counter()
-    while step < total and epoch < cfg.epochs:
-        groups = schedule.groups(epoch)
-        for g in range(group0, len(groups)):
-            if step >= total:
+    grad_norm_ema, window = None, _Window()
+    while at.step < total and at.epoch < cfg.epochs:
+        groups = schedule.groups(at.epoch)
+        for g in range(at.group, len(groups)):
+            if at.step >= total:
                 break
-            loss_sum, step_metrics, step_tokens = 0.0, {}, 0
-            n_micro = len(groups[g])
-            for full_idx in groups[g]:
-                # this process's share of the micro-batch (all of it in a single process), in forwards
-                # of at most forward_rows rows, each weighted by its part of the micro-batch
-                for idx, share in par.forwards(items, full_idx, cfg.optim.forward_rows or cfg.optim.batch_size):
-                    batch = score_batch([items[i] for i in idx], pad).to(device)
-                    cached = {name: cached_logps(c, idx, batch.n_slots).to(device)
-                              for name, c in (("reference", reference), ("teacher", teacher)) if c is not None}
-                    if topk is None:
-                        logps, mask = score(lm, batch)
-                    else:  # the policy's log-probs at the cached top-k tokens of each position
-                        cached["topk_target"] = cached_logps(topk[0], idx, batch.n_slots).to(device)
-                        logps, mask, cached["topk_policy"] = score(lm, batch, at=cached_logps(topk[1], idx, batch.n_slots).to(device))
-                    loss, m = spec.fn(objective_inputs(spec, logps, mask, len(idx), **cached), args)
-                    if not torch.isfinite(loss):
-                        bar.close()
-                        raise TrainingError(f"stage {cfg.name}: loss is {loss.item()} at step {step + 1}; stopped. The last "
-                                            f"good checkpoint is {ckpt if existing_dir(ckpt) else 'the stage start'}; "
-                                            f"try a lower optim.lr or optim.grad_clip")
-                    (loss * (share / n_micro)).backward()
-                    faults.point("step")
-                    for k, v in m.items():  # every key, so that all processes sum the same list
-                        step_metrics[k] = step_metrics.get(k, 0.0) + (float(v) * share / n_micro if share else 0.0)
-                    if share:  # (not a weight-0 forward that keeps the processes in step)
-                        loss_sum += loss.item() * share / n_micro
-                        step_tokens += batch.n_tokens
-            params = [p for p in model.parameters() if p.requires_grad]
-            if dist.world_size() > 1:  # every process then takes the same step
-                par.reduce_gradients(params)
-                keys = sorted(step_metrics)
-                loss_sum, step_tokens, *vals = dist.sum_scalars([loss_sum, step_tokens] + [step_metrics[k] for k in keys])
-                step_metrics, step_tokens = dict(zip(keys, vals)), int(step_tokens)
-            tokens += step_tokens
-            window_tokens += step_tokens
-            gn = par.clip_gradients(params, cfg.optim.grad_clip or float("inf"))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
+            loss, step_metrics, step_tokens = _forward_backward(lm, plan, par, groups[g], at.step, bar)
+            gn = _optimizer_step(model, par, opt, sched, cfg.optim.grad_clip)
+            at.step, at.tokens = at.step + 1, at.tokens + step_tokens
+            window.tokens += step_tokens
             if grad_norm_ema is not None and gn > 10 * grad_norm_ema:
-                log.warning("stage %s step %d: gradient norm spike %.3g (running mean %.3g)", cfg.name, step, gn, grad_norm_ema)
-                metrics.write({"stage": cfg.name, "split": "train", "step": step, "event": "grad_norm_spike", "grad_norm": gn})
+                log.warning("stage %s step %d: gradient norm spike %.3g (running mean %.3g)", cfg.name, at.step, gn,
+                            grad_norm_ema)
+                metrics.write({"stage": cfg.name, "split": "train", "step": at.step, "event": "grad_norm_spike",
+                               "grad_norm": gn})
             grad_norm_ema = gn if grad_norm_ema is None else 0.9 * grad_norm_ema + 0.1 * gn
-            ep_float = epoch + (g + 1) / len(groups)
-            if step % cfg.log_every == 0 or step == total:
-                dt = time.perf_counter() - window_t
-                tps = window_tokens / dt if dt > 0 else 0.0
-                metrics.write({"stage": cfg.name, "split": "train", "step": step, "epoch": round(ep_float, 4),
-                               "loss": loss_sum, "lr": sched.get_last_lr()[0], "grad_norm": gn,
-                               "tokens_per_s": round(tps, 1), **step_metrics})
-                window_tokens, window_t = 0, time.perf_counter()
-                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:.0f}")
+            ep_float = at.epoch + (g + 1) / len(groups)
+            if at.step % cfg.log_every == 0 or at.step == total:
+                tps = window.rate()
+                metrics.write({"stage": cfg.name, "split": "train", "step": at.step, "epoch": round(ep_float, 4),
+                               "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": gn, "tokens_per_s": round(tps, 1),
+                               **step_metrics})
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
             bar.update(1)
-            at_epoch_end = g == len(groups) - 1
-            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and not at_epoch_end:
-                run_eval(ep_float)
-            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and not at_epoch_end:
-                checkpoint(epoch, g + 1)
-        epoch, group0 = epoch + 1, 0
-        run_eval(float(epoch))
-        checkpoint(epoch, 0)
+            mid_epoch = g < len(groups) - 1
+            if mid_epoch and cfg.eval_every_steps and at.step % cfg.eval_every_steps == 0:
+                _evaluate(lm, par, at, evaluate, metrics, cfg.name, ep_float)
+            if mid_epoch and cfg.save_every_steps and at.step % cfg.save_every_steps == 0:
+                _save(plan, par, model, opt, sched, at, t_start, group=g + 1)
+        at.epoch, at.group = at.epoch + 1, 0
+        _evaluate(lm, par, at, evaluate, metrics, cfg.name, float(at.epoch))
+        _save(plan, par, model, opt, sched, at, t_start, group=0)
     bar.close()
     par.finish(lm)
-    wall = time.perf_counter() - t_start
-    peaks = [round(m, 1) for m in dist.per_process(peak_memory_mb(device))]
-    return {"steps": step, "tokens": tokens, "wall_s": round(wall, 2), "peak_mem_mb": max(peaks),
-            **({"peak_mem_mb_per_process": peaks} if len(peaks) > 1 else {}), "device": str(device),
-            "metrics": last_eval}
+    peaks = [round(m, 1) for m in dist.per_process(peak_memory_mb(lm.device))]
+    return {"steps": at.step, "tokens": at.tokens, "wall_s": round(time.perf_counter() - t_start, 2),
+            "peak_mem_mb": max(peaks), **({"peak_mem_mb_per_process": peaks} if len(peaks) > 1 else {}),
+            "device": str(lm.device), "metrics": at.last_eval}
+
+
+class _Window:
+    """Tokens trained since the last logged step, for the logged throughput."""
+
+    def __init__(self):
+        self.tokens, self.t = 0, time.perf_counter()
+
+    def rate(self) -> float:
+        dt = time.perf_counter() - self.t
+        rate = self.tokens / dt if dt > 0 else 0.0
+        self.tokens, self.t = 0, time.perf_counter()
+        return rate
+
+
+def _resume(lm: LM, plan: StagePlan, metrics: MetricsLog, total: int) -> tuple[Progress, tuple | None]:
+    """(where the stage is, the saved optimizer and scheduler states or None). A fresh stage seeds
+    torch with the plan's seed; a resumed one loads its checkpoint's weights into `lm.model`."""
+    name = plan.cfg.name
+    if existing_dir(plan.checkpoint) is None:
+        metrics.truncate_after(name, -1)  # a run killed before its first checkpoint starts the stage over
+        torch.manual_seed(plan.seed)
+        return Progress(), None
+    optim_state, sched_state, state = load_checkpoint(plan.checkpoint, lm.model)
+    at = Progress(state["step"], state["epoch"], state["group"], state["tokens"], state["wall_s"],
+                  state.get("last_eval", {}))
+    metrics.truncate_after(name, at.step)
+    log.info("stage %s: resuming at step %d/%d (epoch %d)", name, at.step, total, at.epoch + 1)
+    return at, (optim_state, sched_state)
+
+
+def _restore_optimizer(par, model, opt, sched, saved: tuple, ckpt: Path) -> None:
+    optim_state, sched_state = saved
+    try:
+        par.load_optimizer_state(model, opt, optim_state)
+    except TrainingError as e:
+        raise TrainingError(f"{existing_dir(ckpt)}: {e}") from None
+    sched.load_state_dict(sched_state)
+
+
+def _forward_backward(lm: LM, plan: StagePlan, par, group: list[list[int]], step: int, bar) -> tuple[float, dict, int]:
+    """Gradients of one optimizer step's micro-batches, accumulated (each forward weighted by its share
+    of its micro-batch); returns the step's loss, objective metrics and tokens (over all processes)."""
+    cfg, device, pad = plan.cfg, lm.device, lm.tokenizer.pad_token_id
+    loss_sum, step_metrics, step_tokens = 0.0, {}, 0
+    for full_idx in group:
+        # this process's share of the micro-batch (all of it in one process), in forwards of at most
+        # forward_rows rows
+        for idx, share in par.forwards(plan.items, full_idx, cfg.optim.forward_rows or cfg.optim.batch_size):
+            batch = score_batch([plan.items[i] for i in idx], pad).to(device)
+            cached, at_tokens = plan.inputs.for_batch(idx, batch.n_slots, device)
+            if at_tokens is None:
+                logps, mask = score(lm, batch)
+            else:  # the policy's log-probs at the cached top-k tokens of each position
+                logps, mask, cached["topk_policy"] = score(lm, batch, at=at_tokens)
+            loss, m = plan.spec.fn(objective_inputs(plan.spec, logps, mask, len(idx), **cached), plan.args)
+            if not torch.isfinite(loss):
+                bar.close()
+                ckpt = plan.checkpoint
+                raise TrainingError(f"stage {cfg.name}: loss is {loss.item()} at step {step + 1}; stopped. The last "
+                                    f"good checkpoint is {ckpt if existing_dir(ckpt) else 'the stage start'}; "
+                                    f"try a lower optim.lr or optim.grad_clip")
+            (loss * (share / len(group))).backward()
+            faults.point("step")
+            for k, v in m.items():  # every key, so that all processes sum the same list
+                step_metrics[k] = step_metrics.get(k, 0.0) + (float(v) * share / len(group) if share else 0.0)
+            if share:  # (not a weight-0 forward that keeps the processes in step)
+                loss_sum += loss.item() * share / len(group)
+                step_tokens += batch.n_tokens
+    if dist.world_size() > 1:  # the logged values are the whole global batch's
+        keys = sorted(step_metrics)
+        loss_sum, step_tokens, *vals = dist.sum_scalars([loss_sum, step_tokens] + [step_metrics[k] for k in keys])
+        step_metrics, step_tokens = dict(zip(keys, vals)), int(step_tokens)
+    return loss_sum, step_metrics, step_tokens
+
+
+def _optimizer_step(model: torch.nn.Module, par, opt, sched, grad_clip: float | None) -> float:
+    """Sum the gradients over processes (so every process takes the same step), clip, step, schedule,
+    zero; returns the gradient norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if dist.world_size() > 1:
+        par.reduce_gradients(params)
+    gn = par.clip_gradients(params, grad_clip or float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return gn
+
+
+def _evaluate(lm: LM, par, at: Progress, evaluate, metrics: MetricsLog, stage: str, epoch: float) -> None:
+    """Evaluate on the main process (the others wait) and log a dev record."""
+    with par.whole_model(lm):
+        if dist.is_main():
+            t = time.perf_counter()
+            at.last_eval = evaluate(at.step)
+            metrics.write({"stage": stage, "split": "dev", "step": at.step, "epoch": round(epoch, 4),
+                           "eval_s": round(time.perf_counter() - t, 2), **at.last_eval})
+        dist.barrier()
+
+
+def _save(plan: StagePlan, par, model, opt, sched, at: Progress, t_start: float, group: int) -> None:
+    """Checkpoint the weights, optimizer and scheduler and where the stage is (main process writes)."""
+    weights, optim_state = par.checkpoint_state(model, opt)  # gathered to the main process
+    if dist.is_main():
+        save_checkpoint(plan.checkpoint, weights, optim_state, sched,
+                        {"step": at.step, "epoch": at.epoch, "group": group, "tokens": at.tokens,
+                         "wall_s": time.perf_counter() - t_start, "last_eval": at.last_eval})
+    dist.barrier()
