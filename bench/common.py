@@ -12,12 +12,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from postlab.cache import cached_token_logps
+from postlab.logprobs import cached_token_logps
 from postlab.config import StageConfig
 from postlab.data import Example, Pair, tokenize
 from postlab.objectives import get_objective
 from postlab.parameterizations import prepare
-from postlab.train import MetricsLog, StageInputs, StagePlan, train_stage
+from postlab.runlog import MetricsLog
+from postlab.train import StageInputs, StagePlan, train_stage
 
 
 def case_data(task: str, kind: str, n: int, data: str) -> list[Example] | list[Pair]:

@@ -16,7 +16,8 @@ from postlab.objectives import get_objective
 from postlab.run import run
 from postlab.tasks import get_task
 from postlab.config import TaskConfig, StageConfig
-from postlab.train import MetricsLog, StagePlan, train_stage
+from postlab.runlog import MetricsLog
+from postlab.train import StagePlan, train_stage
 
 from helpers import final_weights, run_config, write_pairs
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors import safe_open
@@ -15,11 +16,28 @@ from safetensors.torch import save_file
 
 from . import faults
 from .data import Tokenized
-from .logprobs import token_logps
-from .models import LM, cache_dir
 from .parameterizations import function_state
 
+if TYPE_CHECKING:
+    from .models import LM
+
 log = logging.getLogger("postlab")
+
+
+def postlab_home() -> Path:
+    return Path(os.environ.get("POSTLAB_HOME", Path.home() / ".cache" / "postlab")).expanduser()
+
+
+def cache_dir() -> Path:
+    """Computed results reused across runs (log-probs, samples, evaluations, completed stages):
+    $POSTLAB_CACHE, else <postlab home>/cache. Safe to delete; everything in it is recomputed."""
+    return Path(os.environ.get("POSTLAB_CACHE", postlab_home() / "cache")).expanduser()
+
+
+def location(kind: str) -> Path:
+    """Where one kind of cached result lives: logps (reference/teacher log-probs), eval (evaluations),
+    samples (sampled preference pairs and distillation responses), stages (completed-stage index)."""
+    return cache_dir() / kind
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -67,7 +85,7 @@ def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _save(path: Path, key: str, tensors: dict[str, list[list[torch.Tensor]]]) -> None:
+def save_tensors(path: Path, key: str, tensors: dict[str, list[list[torch.Tensor]]]) -> None:
     """Each named structure (per item, per completion: a tensor with completion tokens first) is
     stored flat, with the lengths to split it again."""
     first = next(iter(tensors.values()))
@@ -80,7 +98,7 @@ def _save(path: Path, key: str, tensors: dict[str, list[list[torch.Tensor]]]) ->
     tmp.replace(path)
 
 
-def _load(path: Path, key: str, n_items: int, names: tuple[str, ...]) -> dict[str, list[list[torch.Tensor]]] | None:
+def load_tensors(path: Path, key: str, n_items: int, names: tuple[str, ...]) -> dict[str, list[list[torch.Tensor]]] | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
@@ -105,28 +123,6 @@ def _load(path: Path, key: str, n_items: int, names: tuple[str, ...]) -> dict[st
     return out
 
 
-def cached_token_logps(lm: LM, items: list[Tokenized], role: str, batch_size: int = 16,
-                       directory: Path | None = None, topk: int = 0):
-    """Per item, per completion: the model's per-token log-probs (fp32, CPU). `role` names the use
-    (reference, teacher) in logs and file names. With `topk` > 0, returns (log-probs, top-k
-    log-probs [tokens, k], their token ids [tokens, k]): the model's distribution at each completion
-    position, cut to its k most likely tokens (the objectives treat the rest as one tail bucket)."""
-    key = cache_key(lm, items, {"role": role, **({"topk": topk} if topk else {})})
-    directory = directory or cache_dir() / "logps"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{role}{f'-top{topk}' if topk else ''}-{key}.safetensors"
-    names = ("values", "topk_values", "topk_index") if topk else ("values",)
-    got = _load(path, key, len(items), names) if path.is_file() else None
-    if got is not None:
-        log.info("%s log-probs: reusing cache %s", role, path)
-    else:
-        computed = token_logps(lm, items, batch_size, desc=f"{role} log-probs", topk=topk)
-        got = dict(zip(names, computed if topk else (computed,)))
-        _save(path, key, got)
-        log.info("%s log-probs: computed for %d items, cached at %s", role, len(items), path)
-    return tuple(got[n] for n in names) if topk else got["values"]
-
-
 def cached_evaluation(lm: LM, settings: dict, out_dir: Path, compute: Callable[[Path], dict[str, float]]) -> dict[str, float]:
     """Task metrics of `lm` under `settings` (the task's dev data and evaluation settings), computed
     once per model weights: the base model's evaluation is shared by every run that starts from it,
@@ -139,7 +135,7 @@ def cached_evaluation(lm: LM, settings: dict, out_dir: Path, compute: Callable[[
 
     # per_example 2: evaluations write per-example statistics (postlab.metrics); older entries lack them
     key = cache_key(lm, [], {"role": "evaluation", "postlab": __version__, "per_example": 2, **settings})
-    entry = cache_dir() / "eval" / key
+    entry = location("eval") / key
     metrics_file = entry / "metrics.json"
     if metrics_file.is_file():
         try:

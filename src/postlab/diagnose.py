@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .cache import cached_token_logps
 from .checkpoint import atomic_write_json, atomic_write_text
 from .data import Pair, score_batch, tokenize
-from .logprobs import token_logps
+from .logprobs import cached_token_logps, token_logps
 from .decoder import decoder_and_head
 from .models import LM
 from .objectives import implicit_reward

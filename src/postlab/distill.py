@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import GenerationConfig, PairsConfig
-from .models import LM, cache_dir
+from .cache import location
+from .models import LM
 from .preferences import sample_completions
 
 log = logging.getLogger("postlab")
@@ -34,7 +35,7 @@ def sample_teacher_and_student(teacher: LM, student: LM, prompts: list[str], ids
     clean = sampled.clean if sampled is not None else (lambda s: s)
     got = {}
     for role, lm in (("teacher", teacher), ("student", student)):
-        samples, path = sample_completions(lm, prompts, cfg, cache_dir() / "samples", tag=f"distill-{role}")
+        samples, path = sample_completions(lm, prompts, cfg, location("samples"), tag=f"distill-{role}")
         got[role] = [clean(s[0]) for s in samples]
         log.info("distill: %s responses cached at %s", role, path)
     dsft, pairs, same, empty = [], [], 0, 0

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .cache import cached_token_logps
 from .data import Pair, tokenize
-from .logprobs import token_logps
+from .logprobs import cached_token_logps, token_logps
 from .models import LM
 from .objectives import implicit_reward
 

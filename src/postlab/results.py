@@ -19,6 +19,7 @@ import pandas as pd
 
 from .errors import DataError
 from .metrics import PerExample, read_per_example
+from .runlog import read_jsonl
 
 SEED = "seed"
 TASK = "task"
@@ -53,23 +54,6 @@ def _last_log(run_dir: Path) -> str:
         return ""
     parts = [f"{k} {last[k]}" for k in ("stage", "split", "step") if k in last]
     return ", ".join(parts)
-
-
-def read_jsonl(path: Path):
-    """Yield the JSON objects of a .jsonl file, skipping blank or torn lines (crashed runs)."""
-    if not path.is_file():
-        return
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                yield rec
 
 
 def _config_axes(run_dir: Path) -> dict[str, Any]:

@@ -19,19 +19,21 @@ import yaml
 
 from . import distributed as dist
 from . import faults
-from .cache import cached_evaluation, cached_token_logps, tokenizer_fingerprint
+from .cache import cached_evaluation, location, tokenizer_fingerprint
 from .checkpoint import atomic_write_json, atomic_write_text, read_json, trainable_state
 from .config import ModelConfig, RunConfig, StageConfig, dump_config, parse_run_config
 from .data import tokenize
 from .errors import ConfigError, DataError, PostlabError
 from .merge import extrapolate_in_place
-from .models import LM, cache_dir, load_lm
+from .logprobs import cached_token_logps
+from .models import LM, load_lm
 from .objectives import get_objective, parse_args
 from .validate import output_location
 from .parameterizations import adapter_of, count_parameters, describe, prepare, save_model
 from .preferences import build_pairs, needs_sampler
 from .tasks import evaluate_task, get_task, records_fingerprint, training_task
-from .train import MetricsLog, StageInputs, StagePlan, train_stage
+from .runlog import MetricsLog, read_jsonl
+from .train import StageInputs, StagePlan, train_stage
 
 log = logging.getLogger("postlab")
 
@@ -87,7 +89,7 @@ def stage_items(lm: LM, stage: StageConfig, model_cfg: ModelConfig | None = None
                 name = m.name if src == "base" else src
                 log.info("stage %s: sampling rejected answers from %s", stage.name, name)
                 sampler = load_lm(name, m.device, m.precision, m.trust_remote_code, m.max_length)
-        raw = build_pairs(source, pcfg, sampler, cache_dir() / "samples")
+        raw = build_pairs(source, pcfg, sampler, location("samples"))
     else:
         raw = source.train_examples()
     items, report = tokenize(raw, lm.tokenizer, lm.max_length, stage.task.overlength,
@@ -236,7 +238,7 @@ def stage_prefix_key(cfg: RunConfig, i: int) -> str:
 
 
 def _stage_registry(key: str) -> Path:
-    return cache_dir() / "stages" / f"{key}.json"
+    return location("stages") / f"{key}.json"
 
 
 def register_stage(cfg: RunConfig, i: int, sdir: Path) -> None:
@@ -264,18 +266,7 @@ def reuse_stage(cfg: RunConfig, i: int, sdir: Path, metrics: MetricsLog, needs_m
     if src == sdir.resolve() or not (src / "done.json").is_file() or (needs_model and not (src / "model").is_dir()):
         return None
     stage = cfg.stages[i]
-    records = []
-    src_metrics = src.parent / "metrics.jsonl"
-    if src_metrics.is_file():
-        import json
-
-        for line in src_metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("stage") == stage.name:
-                records.append(rec)
+    records = [rec for rec in read_jsonl(src.parent / "metrics.jsonl") if rec.get("stage") == stage.name]
     tmp = sdir.with_name(sdir.name + ".reuse-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoint", "done.json"),

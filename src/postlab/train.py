@@ -3,7 +3,6 @@ policy log-probs at scored positions, attaches cached reference/teacher log-prob
 the stage's objective (a pure function) for a loss."""
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import time
@@ -24,42 +23,9 @@ from .fsdp import strategy as parallel_strategy
 from .logprobs import score
 from .models import LM
 from .objectives import ObjectiveArgs, ObjectiveSpec, PairLogps, TokenLogps
+from .runlog import MetricsLog
 
 log = logging.getLogger("postlab")
-
-
-class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl (flushed per line)."""
-
-    def __init__(self, path: Path, trackers=None):
-        self.path = path
-        self.trackers = trackers  # postlab.tracking.Trackers: TensorBoard / MLflow views of the records
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict) -> None:
-        if not dist.is_main():
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=float) + "\n")
-        if self.trackers is not None:
-            self.trackers.log(record)
-
-    def truncate_after(self, stage: str, step: int) -> None:
-        """On resume, drop records of `stage` logged after its checkpoint (they will be logged again)."""
-        if not dist.is_main() or not self.path.is_file():
-            return
-        keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if rec.get("stage") == stage and rec.get("step", 0) > step:
-                continue
-            keep.append(line)
-        from .checkpoint import atomic_write_text
-
-        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
 
 def peak_memory_mb(device: torch.device) -> float:
