@@ -25,6 +25,9 @@ class ModelConfig(Strict):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where fast, else fp32
     trust_remote_code: bool = False
     max_length: int | None = Field(None, gt=0)  # None: the model's context length
+    # torch.compile the transformer body for training forwards (dynamic shapes): a torch.compile backend,
+    # e.g. inductor (GPUs; pays off on long stages, README "Speed"), aot_eager (checks the graphs); None: eager
+    compile: str | None = None
 
 
 class ParameterizationConfig(BaseModel):
@@ -103,6 +106,10 @@ class StageConfig(Strict):
     # Distillation objectives (kd, dadpo): the teacher model (name or path; same tokenizer as the student).
     teacher: str | None = None
     save_model: bool = True  # write the stage's final model (HF format) to <stage>/model
+    # Dropout during the stage (the model's and LoRA's): None = off for objectives that compare the policy
+    # with a reference or teacher (TRL's disable_dropout: the first DPO step then starts at exactly log 2),
+    # on otherwise; true/false to say so.
+    disable_dropout: bool | None = None
     # ExPO: after training, the stage's weights become θ_start + λ(θ_end − θ_start) (λ > 1
     # extrapolates; evaluated and saved as the stage's model; the trained checkpoint stays as is).
     expo_lambda: float | None = None
@@ -121,6 +128,20 @@ class RunConfig(Strict):
     # gradients and optimizer state across them (same steps, less memory per process).
     parallel: Literal["ddp", "fsdp"] = "ddp"
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
+
+    @model_validator(mode="after")
+    def _no_fp16_training(self) -> "RunConfig":
+        if self.model.precision == "fp16":
+            raise ValueError("model.precision: fp16 training needs loss scaling, which postlab does not do; train in "
+                             "bf16 (or fp32). fp16 is fine for postlab eval and generate (--precision fp16)")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_and_fsdp(self) -> "RunConfig":
+        if self.model.compile and self.parallel == "fsdp":
+            raise ValueError("model.compile with parallel: fsdp is not supported (fsdp already wraps the body); "
+                             "use parallel: ddp or drop model.compile")
+        return self
 
     @field_validator("stages")
     @classmethod

@@ -14,6 +14,10 @@ import torch
 
 from .errors import DataError
 
+# The LM head runs over at most this many scored rows at a time (logprobs.py): the logits of one chunk
+# ([rows, vocab]) are the largest activation a long completion makes.
+CHUNK_ROWS = 512
+
 
 @dataclass
 class Example:
@@ -127,6 +131,15 @@ class ScoreBatch:
     n_slots: int
     n_tokens: int = 0  # real (unpadded) tokens in the forward pass
     ids: list[str] = field(default_factory=list)
+    # Entry index where each chunk of CHUNK_ROWS scored rows starts (and the end): computed on the host when
+    # the batch is built, so scoring needs no device read and a compiled forward no Python call.
+    chunk_starts: list[int] = field(default_factory=list)
+
+    def chunk_bounds(self, chunk_rows: int) -> list[int]:
+        if chunk_rows == CHUNK_ROWS and self.chunk_starts:
+            return self.chunk_starts
+        hidden = self.entry_hidden.cpu().tolist()
+        return _chunk_starts(hidden, self.hidden_index.shape[0], chunk_rows)
 
     def to(self, device: torch.device) -> "ScoreBatch":
         for name in ("input_ids", "attention_mask", "hidden_index", "entry_hidden", "entry_target",
@@ -158,6 +171,12 @@ def forward_chunks(items: list[Tokenized], idx: list[int], max_rows: int) -> lis
         return []
     per = max(1, max_rows // rows_per_item([items[i] for i in idx]))
     return [idx[s:s + per] for s in range(0, len(idx), per)]
+
+
+def _chunk_starts(entry_hidden: list[int], rows: int, chunk_rows: int) -> list[int]:
+    import bisect
+
+    return [bisect.bisect_left(entry_hidden, s) for s in range(0, rows + chunk_rows, chunk_rows)]
 
 
 def score_batch(items: list[Tokenized], pad_id: int) -> ScoreBatch:
@@ -194,4 +213,6 @@ def score_batch(items: list[Tokenized], pad_id: int) -> ScoreBatch:
     e = torch.tensor(entries, dtype=torch.long)
     n_slots = max(len(c) for it in items for c in it.completions)
     return ScoreBatch(ids, mask, torch.tensor(hidden, dtype=torch.long), e[:, 0], e[:, 1], e[:, 2], e[:, 3],
-                      n_answers=n_comp * B, n_slots=n_slots, n_tokens=int(mask.sum()), ids=[it.id for it in items])
+                      n_answers=n_comp * B, n_slots=n_slots, n_tokens=sum(len(r) for r in rows),
+                      ids=[it.id for it in items],
+                      chunk_starts=_chunk_starts([x[0] for x in entries], len(hidden), CHUNK_ROWS))

@@ -2,6 +2,8 @@
 positions it scores (logprobs.py), through any PEFT wrapper and under FSDP (fsdp.py)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .errors import ModelError
@@ -20,3 +22,18 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     if head is None or body is inner:
         raise ModelError(f"{type(inner).__name__} is not a causal LM with a separate output head")
     return body, head
+
+
+@contextlib.contextmanager
+def compiled_body(model: torch.nn.Module, backend: str | None):
+    """Inside the block, scoring runs the transformer body through torch.compile(backend, dynamic
+    shapes); nothing changes with backend None."""
+    if not backend:
+        yield
+        return
+    body, _ = decoder_and_head(model)
+    model.__dict__[HIDDEN_METHOD] = torch.compile(body, backend=backend, dynamic=True)
+    try:
+        yield
+    finally:
+        model.__dict__.pop(HIDDEN_METHOD, None)

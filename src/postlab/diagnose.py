@@ -37,7 +37,7 @@ def position_kl(policy: LM, reference: LM, items: list, batch_size: int) -> tupl
         for m in (policy, reference):
             body, head = decoder_and_head(m.model)
             with m.autocast():
-                h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+                h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
             h = h.reshape(-1, h.shape[-1]).index_select(0, batch.hidden_index[rows])
             logps.append(torch.cat([torch.log_softmax(head(h[c:c + 256]).float(), -1) for c in range(0, len(h), 256)]))
         p, q = logps

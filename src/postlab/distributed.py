@@ -112,6 +112,17 @@ def sum_scalars(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) a tensor across processes, on its device: no host synchronisation."""
+    if not launched():
+        return t
+    import torch.distributed as dist
+
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
 def per_process(value: float) -> list[float]:
     """`value` of every process, in rank order (every process gets the list)."""
     slots = [0.0] * world_size()
@@ -133,8 +144,9 @@ class Replicated:
     def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
         sum_gradients(params)
 
-    def clip_gradients(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    def clip_gradients(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        """The gradient norm before clipping, as a tensor on the device (read when logging)."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def fused_optimizer(self) -> bool:
         return True

@@ -96,11 +96,11 @@ class FullyShard:
     def reduce_gradients(self, params) -> None:
         pass  # reduce-scattered during the backward passes
 
-    def clip_gradients(self, params, max_norm: float) -> float:
+    def clip_gradients(self, params, max_norm: float) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def fused_optimizer(self) -> bool:
         return False  # fused AdamW takes plain tensors

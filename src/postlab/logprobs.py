@@ -14,13 +14,12 @@ from torch.utils.checkpoint import checkpoint
 
 from . import faults
 from .cache import cache_key, load_tensors, location, save_tensors
-from .data import Example, ScoreBatch, Tokenized, score_batch, tokenize
+from .data import CHUNK_ROWS, Example, ScoreBatch, Tokenized, score_batch, tokenize
 from .decoder import decoder_and_head
 from .models import LM
 
 log = logging.getLogger("postlab")
 
-CHUNK_ROWS = 512
 
 
 def _chunk_logps(head: torch.nn.Module, h: torch.Tensor, local_hidden: torch.Tensor, targets: torch.Tensor,
@@ -53,13 +52,19 @@ def _score_chunks(lm: LM, batch: ScoreBatch, chunk_rows: int, fn, extra=None, **
     sliced along with the entries. Returns the per-output concatenations."""
     body, head = decoder_and_head(lm.model)
     with lm.autocast():
-        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        # Rows are right-padded, so under the causal mask a real token never sees padding: the causal
+        # mask alone is right. It is given ready-made (4D), because from a 2D padding mask, or none,
+        # transformers reads a tensor back to the host to decide how to build it: a sync per forward.
+        # No KV cache: nothing here generates.
+        L = batch.input_ids.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=batch.input_ids.device).tril_()[None, None]
+        hidden = body(input_ids=batch.input_ids, attention_mask=causal, use_cache=False).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.hidden_index)
         pieces = []
         U = h.shape[0]
-        bounds = torch.searchsorted(batch.entry_hidden.contiguous(), torch.arange(0, U + chunk_rows, chunk_rows, device=h.device))
+        bounds = batch.chunk_bounds(chunk_rows)  # computed on the host: no device sync per chunk
         for c, s in enumerate(range(0, U, chunk_rows)):
-            lo, hi = int(bounds[c]), int(bounds[c + 1])
+            lo, hi = bounds[c], bounds[c + 1]
             args = (h[s:s + chunk_rows], batch.entry_hidden[lo:hi] - s, batch.entry_target[lo:hi])
             if extra is not None:
                 args += (extra[lo:hi],)

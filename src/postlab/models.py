@@ -117,8 +117,11 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_device(device: str) -> torch.device:
     from . import distributed
 
-    if device == "auto" and distributed.launched():
+    if distributed.launched() and device in ("auto", "cuda"):
         return distributed.device()  # this process's own GPU (or the CPU)
+    if distributed.launched() and device.startswith("cuda:"):
+        raise ModelError(f"model.device={device!r} under a multi-process launch: each process uses its own GPU "
+                         f"(its LOCAL_RANK); set model.device to auto (or cuda)")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -331,7 +331,8 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
     start = None
     if stage.expo_lambda is not None:  # ExPO needs the stage's starting weights
         start = {k: v.clone() for k, v in trainable_state(lm.model).items()}
-    plan = StagePlan(stage, spec, args, items, sdir, cfg.seed * 100 + i, StageInputs(**cached), cfg.parallel)
+    plan = StagePlan(stage, spec, args, items, sdir, cfg.seed * 100 + i, StageInputs(**cached), cfg.parallel,
+                     cfg.model.compile)
     summary = train_stage(lm, plan, metrics, evaluate)
     if start is not None:
         extrapolate_in_place(lm.model, start, stage.expo_lambda)

@@ -3,7 +3,9 @@ policy log-probs at scored positions, attaches cached reference/teacher log-prob
 the stage's objective (a pure function) for a loss."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from . import faults
 from .checkpoint import existing_dir, load_checkpoint, save_checkpoint
 from .config import StageConfig
 from .data import Tokenized, length_grouped_batches, score_batch
+from .decoder import compiled_body
 from .errors import TrainingError
 from .fsdp import strategy as parallel_strategy
 from .logprobs import score
@@ -128,6 +131,7 @@ class StagePlan:
     seed: int
     inputs: StageInputs = field(default_factory=StageInputs)
     parallel: str = "ddp"  # how several processes share the work (ddp or fsdp; see distributed.py, fsdp.py)
+    compile: str | None = None  # a torch.compile backend for the body's training forwards (model.compile)
 
     @property
     def checkpoint(self) -> Path:
@@ -148,7 +152,9 @@ class Progress:
 
 def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog, evaluate: Callable[[int], dict[str, float]]) -> dict:
     """Train `lm.model` in place as `plan` says, resuming from the stage's checkpoint when there is
-    one. Returns a summary (steps, tokens, wall time, peak memory, device, the last dev metrics)."""
+    one. Returns a summary (steps, tokens, wall time, peak memory, device, the last dev metrics).
+    A step's loss, metrics and gradient norm stay on the device until they are read (every
+    `log_every` steps, and before a checkpoint, an evaluation and the end): at most one host sync."""
     cfg = plan.cfg
     schedule = Schedule(lambda e: length_grouped_batches([it.length for it in plan.items], cfg.optim.batch_size,
                                                          plan.seed * 1000 + e, cfg.group_by_length),
@@ -169,38 +175,10 @@ def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog, evaluate: Callable
     model.train()
     bar = tqdm(total=total, initial=at.step, desc=f"{cfg.name} ({plan.spec.name})", unit="step", dynamic_ncols=True,
                disable=not dist.is_main())
-    grad_norm_ema, window = None, _Window()
-    while at.step < total and at.epoch < cfg.epochs:
-        groups = schedule.groups(at.epoch)
-        for g in range(at.group, len(groups)):
-            if at.step >= total:
-                break
-            loss, step_metrics, step_tokens = _forward_backward(lm, plan, par, groups[g], at.step, bar)
-            gn = _optimizer_step(model, par, opt, sched, cfg.optim.grad_clip)
-            at.step, at.tokens = at.step + 1, at.tokens + step_tokens
-            window.tokens += step_tokens
-            if grad_norm_ema is not None and gn > 10 * grad_norm_ema:
-                log.warning("stage %s step %d: gradient norm spike %.3g (running mean %.3g)", cfg.name, at.step, gn,
-                            grad_norm_ema)
-                metrics.write({"stage": cfg.name, "split": "train", "step": at.step, "event": "grad_norm_spike",
-                               "grad_norm": gn})
-            grad_norm_ema = gn if grad_norm_ema is None else 0.9 * grad_norm_ema + 0.1 * gn
-            ep_float = at.epoch + (g + 1) / len(groups)
-            if at.step % cfg.log_every == 0 or at.step == total:
-                tps = window.rate()
-                metrics.write({"stage": cfg.name, "split": "train", "step": at.step, "epoch": round(ep_float, 4),
-                               "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": gn, "tokens_per_s": round(tps, 1),
-                               **step_metrics})
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
-            bar.update(1)
-            mid_epoch = g < len(groups) - 1
-            if mid_epoch and cfg.eval_every_steps and at.step % cfg.eval_every_steps == 0:
-                _evaluate(lm, par, at, evaluate, metrics, cfg.name, ep_float)
-            if mid_epoch and cfg.save_every_steps and at.step % cfg.save_every_steps == 0:
-                _save(plan, par, model, opt, sched, at, t_start, group=g + 1)
-        at.epoch, at.group = at.epoch + 1, 0
-        _evaluate(lm, par, at, evaluate, metrics, cfg.name, float(at.epoch))
-        _save(plan, par, model, opt, sched, at, t_start, group=0)
+    pending = _Pending(plan, at, metrics, bar)
+    with compiled_body(model, plan.compile), dropout_off(model, _dropout_disabled(plan)):
+        _train_epochs(lm, plan, par, model, opt, sched, schedule, at, pending, evaluate, metrics, t_start, bar)
+    pending.flush()
     bar.close()
     par.finish(lm)
     peaks = [round(m, 1) for m in dist.per_process(peak_memory_mb(lm.device))]
@@ -209,17 +187,109 @@ def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog, evaluate: Callable
             "device": str(lm.device), "metrics": at.last_eval}
 
 
-class _Window:
-    """Tokens trained since the last logged step, for the logged throughput."""
+def _dropout_disabled(plan: StagePlan) -> bool:
+    if plan.cfg.disable_dropout is not None:
+        return plan.cfg.disable_dropout
+    return plan.spec.kind == "preference" or plan.spec.needs_reference or plan.spec.needs_teacher
 
-    def __init__(self):
-        self.tokens, self.t = 0, time.perf_counter()
 
-    def rate(self) -> float:
-        dt = time.perf_counter() - self.t
-        rate = self.tokens / dt if dt > 0 else 0.0
-        self.tokens, self.t = 0, time.perf_counter()
-        return rate
+@contextlib.contextmanager
+def dropout_off(model: torch.nn.Module, off: bool):
+    """With `off`, every dropout of the model (nn.Dropout modules, attention dropout rates) is 0 inside
+    the block and restored after it."""
+    saved = []
+    if off:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                saved.append((m, "p", m.p))
+                m.p = 0.0
+            elif isinstance(getattr(m, "attention_dropout", None), float):
+                saved.append((m, "attention_dropout", m.attention_dropout))
+                m.attention_dropout = 0.0
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
+def _train_epochs(lm, plan, par, model, opt, sched, schedule, at, pending, evaluate, metrics, t_start, bar) -> None:
+    """The epochs and steps of a stage, from where `at` says it is."""
+    cfg, total = plan.cfg, schedule.total_steps
+    while at.step < total and at.epoch < cfg.epochs:
+        groups = schedule.groups(at.epoch)
+        for g in range(at.group, len(groups)):
+            if at.step >= total:
+                break
+            values = _forward_backward(lm, plan, par, groups[g])
+            grad_norm = _optimizer_step(model, par, opt, sched, cfg.optim.grad_clip)
+            at.step += 1
+            ep_float = at.epoch + (g + 1) / len(groups)
+            pending.add(at.step, ep_float, values, grad_norm, sched.get_last_lr()[0])
+            if at.step % cfg.log_every == 0 or at.step == total:
+                pending.flush(record=True)
+            bar.update(1)
+            mid_epoch = g < len(groups) - 1
+            if mid_epoch and cfg.eval_every_steps and at.step % cfg.eval_every_steps == 0:
+                pending.flush()
+                _evaluate(lm, par, at, evaluate, metrics, cfg.name, ep_float)
+            if mid_epoch and cfg.save_every_steps and at.step % cfg.save_every_steps == 0:
+                pending.flush()  # (a non-finite loss stops here: no checkpoint holds its update)
+                _save(plan, par, model, opt, sched, at, t_start, group=g + 1)
+        at.epoch, at.group = at.epoch + 1, 0
+        pending.flush()
+        _evaluate(lm, par, at, evaluate, metrics, cfg.name, float(at.epoch))
+        _save(plan, par, model, opt, sched, at, t_start, group=0)
+
+
+class _Pending:
+    """Steps whose values are still on the device. `flush` reads them all in one transfer, stops on a
+    non-finite loss (naming its step), counts tokens, watches for gradient-norm spikes and, with
+    `record`, writes the last step's train record (and the throughput since the last logged step)."""
+
+    def __init__(self, plan: StagePlan, at: Progress, metrics: MetricsLog, bar):
+        self.plan, self.at, self.metrics, self.bar = plan, at, metrics, bar
+        self.steps: list[tuple[int, float, dict, torch.Tensor, float]] = []
+        self.grad_norm_ema: float | None = None
+        self.window_tokens, self.window_t = 0, time.perf_counter()
+
+    def add(self, step: int, epoch: float, values: dict[str, torch.Tensor], grad_norm: torch.Tensor, lr: float) -> None:
+        self.steps.append((step, epoch, values, grad_norm, lr))
+
+    def flush(self, record: bool = False) -> None:
+        if not self.steps:
+            return
+        keys = list(self.steps[0][2])
+        rows = torch.stack([torch.stack([*(v[k].float() for k in keys), gn.float()])
+                            for _, _, v, gn, _ in self.steps]).tolist()  # the one host transfer
+        name = self.plan.cfg.name
+        for (step, _, _, _, _), row in zip(self.steps, rows):
+            rec, gn = dict(zip(keys, row)), row[-1]
+            if not math.isfinite(rec["loss"]):
+                self.bar.close()
+                ckpt = self.plan.checkpoint
+                raise TrainingError(f"stage {name}: loss is {rec['loss']} at step {step}; stopped. The last good "
+                                    f"checkpoint is {ckpt if existing_dir(ckpt) else 'the stage start'}; "
+                                    f"try a lower optim.lr or optim.grad_clip")
+            tokens = int(round(rec["tokens"]))
+            self.at.tokens += tokens
+            self.window_tokens += tokens
+            if self.grad_norm_ema is not None and gn > 10 * self.grad_norm_ema:
+                log.warning("stage %s step %d: gradient norm spike %.3g (running mean %.3g)", name, step, gn,
+                             self.grad_norm_ema)
+                self.metrics.write({"stage": name, "split": "train", "step": step, "event": "grad_norm_spike",
+                                    "grad_norm": gn})
+            self.grad_norm_ema = gn if self.grad_norm_ema is None else 0.9 * self.grad_norm_ema + 0.1 * gn
+        if record:
+            dt = time.perf_counter() - self.window_t
+            tps = self.window_tokens / dt if dt > 0 else 0.0
+            step, epoch, _, _, lr = self.steps[-1]
+            objective = {k: v for k, v in rec.items() if k not in ("loss", "tokens")}
+            self.metrics.write({"stage": name, "split": "train", "step": step, "epoch": round(epoch, 4),
+                                "loss": rec["loss"], "lr": lr, "grad_norm": gn, "tokens_per_s": round(tps, 1), **objective})
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:.0f}")
+            self.window_tokens, self.window_t = 0, time.perf_counter()
+        self.steps.clear()
 
 
 def _resume(lm: LM, plan: StagePlan, metrics: MetricsLog, total: int) -> tuple[Progress, tuple | None]:
@@ -247,11 +317,13 @@ def _restore_optimizer(par, model, opt, sched, saved: tuple, ckpt: Path) -> None
     sched.load_state_dict(sched_state)
 
 
-def _forward_backward(lm: LM, plan: StagePlan, par, group: list[list[int]], step: int, bar) -> tuple[float, dict, int]:
+def _forward_backward(lm: LM, plan: StagePlan, par, group: list[list[int]]) -> dict[str, torch.Tensor]:
     """Gradients of one optimizer step's micro-batches, accumulated (each forward weighted by its share
-    of its micro-batch); returns the step's loss, objective metrics and tokens (over all processes)."""
+    of its micro-batch). Returns the step's loss, tokens and objective metrics as device tensors,
+    summed over processes; nothing here waits for the device."""
     cfg, device, pad = plan.cfg, lm.device, lm.tokenizer.pad_token_id
-    loss_sum, step_metrics, step_tokens = 0.0, {}, 0
+    values: dict[str, torch.Tensor] = {}
+    tokens = 0
     for full_idx in group:
         # this process's share of the micro-batch (all of it in one process), in forwards of at most
         # forward_rows rows
@@ -263,29 +335,24 @@ def _forward_backward(lm: LM, plan: StagePlan, par, group: list[list[int]], step
             else:  # the policy's log-probs at the cached top-k tokens of each position
                 logps, mask, cached["topk_policy"] = score(lm, batch, at=at_tokens)
             loss, m = plan.spec.fn(objective_inputs(plan.spec, logps, mask, len(idx), **cached), plan.args)
-            if not torch.isfinite(loss):
-                bar.close()
-                ckpt = plan.checkpoint
-                raise TrainingError(f"stage {cfg.name}: loss is {loss.item()} at step {step + 1}; stopped. The last "
-                                    f"good checkpoint is {ckpt if existing_dir(ckpt) else 'the stage start'}; "
-                                    f"try a lower optim.lr or optim.grad_clip")
-            (loss * (share / len(group))).backward()
+            weight = share / len(group)
+            (loss * weight).backward()
             faults.point("step")
-            for k, v in m.items():  # every key, so that all processes sum the same list
-                step_metrics[k] = step_metrics.get(k, 0.0) + (float(v) * share / len(group) if share else 0.0)
-            if share:  # (not a weight-0 forward that keeps the processes in step)
-                loss_sum += loss.item() * share / len(group)
-                step_tokens += batch.n_tokens
+            # every key on every process (a weight-0 forward keeps the processes in step), so they sum alike
+            for k, v in {"loss": loss, **m}.items():
+                values[k] = values.get(k, 0.0) + v.detach().float() * weight
+            tokens += batch.n_tokens if share else 0
+    values = {"loss": values.pop("loss"), "tokens": torch.tensor(float(tokens), device=device), **values}
     if dist.world_size() > 1:  # the logged values are the whole global batch's
-        keys = sorted(step_metrics)
-        loss_sum, step_tokens, *vals = dist.sum_scalars([loss_sum, step_tokens] + [step_metrics[k] for k in keys])
-        step_metrics, step_tokens = dict(zip(keys, vals)), int(step_tokens)
-    return loss_sum, step_metrics, step_tokens
+        keys = list(values)
+        summed = dist.sum_tensor(torch.stack([values[k] for k in keys]))
+        values = dict(zip(keys, summed.unbind()))
+    return values
 
 
-def _optimizer_step(model: torch.nn.Module, par, opt, sched, grad_clip: float | None) -> float:
+def _optimizer_step(model: torch.nn.Module, par, opt, sched, grad_clip: float | None) -> torch.Tensor:
     """Sum the gradients over processes (so every process takes the same step), clip, step, schedule,
-    zero; returns the gradient norm before clipping."""
+    zero; returns the gradient norm before clipping (a device tensor)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if dist.world_size() > 1:
         par.reduce_gradients(params)

@@ -1,0 +1,133 @@
+"""The loop written for a GPU, checked on CPU (tiny models): no host synchronisation inside a step,
+no graph breaks in the scoring forward, dropout off where a reference is compared, fp16 training
+refused, per-process devices under a launcher."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import run_config, write_pairs
+from postlab.config import StageConfig, TaskConfig, parse_run_config
+from postlab.data import tokenize
+from postlab.errors import ConfigError, ModelError
+from postlab.models import load_lm
+from postlab.objectives import get_objective
+from postlab.run import run
+from postlab.runlog import MetricsLog
+from postlab.tasks import get_task
+from postlab.train import StagePlan, train_stage
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (`aten._local_scalar_dense`: .item(), float(t),
+    bool(t), int(t)), each a device synchronisation on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("objective", ["nll", "dpo"])
+def test_a_training_step_does_not_wait_for_the_device(tiny_llama, tmp_path, precision, objective):
+    """4 optimizer steps, each of 2 micro-batches run as 2 forwards (forward_rows), logged once at the
+    end: no host read inside the steps (the one read per logged step is a bulk transfer)."""
+    lm = load_lm(str(tiny_llama), device="cpu", precision=precision)
+    task = get_task(TaskConfig(name="paraphrase", train=str(write_pairs(tmp_path / "p.tsv", 32))))
+    raw = task.preference_pairs() if objective == "dpo" else task.train_examples()
+    items, _ = tokenize(raw, lm.tokenizer, 128, append_eos=False)
+    cfg = StageConfig(optim={"lr": 1e-3, "batch_size": 4, "grad_accum": 2, "forward_rows": 2}, epochs=1,
+                      eval_at_start=False, log_every=1000)
+    spec = get_objective(objective)
+    reference = None
+    if spec.needs_reference:
+        from postlab.logprobs import cached_token_logps
+
+        reference = cached_token_logps(lm, items, "reference", 8, tmp_path / "ref")
+    from postlab.train import StageInputs
+
+    plan = StagePlan(cfg, spec, spec.args(), items, tmp_path / "stage", 0, StageInputs(reference=reference))
+    counter = CountSyncs()
+    with counter:
+        out = train_stage(lm, plan, MetricsLog(tmp_path / "m.jsonl"), lambda step: {})
+    assert out["steps"] == 4
+    assert counter.n <= out["steps"]  # the issue's bound: at most one per optimizer step
+    assert counter.n == 0, f"{counter.n} host reads in {out['steps']} steps"
+
+
+def test_the_scoring_forward_has_no_graph_breaks(tiny_llama):
+    from postlab.data import Example, score_batch
+    from postlab.logprobs import score
+
+    lm = load_lm(str(tiny_llama), device="cpu", precision="fp32")
+    items, _ = tokenize([Example("Count: one", " two three"), Example("Hi", " there")], lm.tokenizer, 64)
+    batch = score_batch(items, lm.tokenizer.pad_token_id)
+    explained = torch._dynamo.explain(lambda: score(lm, batch)[0].sum())()
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_a_compiled_stage_trains_like_an_eager_one(tiny_llama, tmp_path):
+    data = write_pairs(tmp_path / "pairs.tsv", 16)
+    losses = {}
+    for name, backend in (("eager", None), ("compiled", "aot_eager")):
+        tree = run_config(tiny_llama, tmp_path / name, data, epochs=1)
+        tree["model"]["compile"] = backend
+        run(parse_run_config(tree))
+        losses[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                        if '"train"' in x]
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4, abs=1e-6) and len(losses["eager"]) == 4
+    with pytest.raises(ConfigError, match="model.compile with parallel: fsdp"):
+        parse_run_config({**run_config(tiny_llama, tmp_path / "x", data), "parallel": "fsdp",
+                          "model": {"name": str(tiny_llama), "precision": "fp32", "compile": "inductor"}})
+
+
+def _first_dpo_loss(model: Path, out: Path, data: Path, **stage) -> float:
+    tree = {"model": {"name": str(model), "device": "cpu", "precision": "fp32"}, "output_dir": str(out),
+            "reuse_stages": False,
+            "stages": [{"name": "dpo", "task": {"name": "file", "train": str(data)}, "eval_at_start": False,
+                        "log_every": 1, "objective": {"name": "dpo", "beta": 0.1}, "max_steps": 1,
+                        "optim": {"lr": 1e-3, "batch_size": 4}, **stage}]}
+    run(parse_run_config(tree))
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x][0]["loss"]
+
+
+def test_dropout_is_off_in_preference_stages_unless_asked(tiny_gpt2, tmp_path):
+    """GPT-2 has dropout 0.1: with it on, the policy's first forward differs from the reference's, so
+    the first DPO loss is not log 2."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Item {i} is", "chosen": f" good and fine {i}",
+                                        "rejected": " bad and not fine"}) + "\n" for i in range(8)))
+    assert _first_dpo_loss(tiny_gpt2, tmp_path / "default", data) == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(_first_dpo_loss(tiny_gpt2, tmp_path / "on", data, disable_dropout=False) - math.log(2)) > 1e-6
+
+    from postlab.train import dropout_off
+
+    model = load_lm(str(tiny_gpt2), device="cpu", precision="fp32").model
+    with dropout_off(model, True):
+        assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}  # restored after the stage
+
+
+def test_fp16_training_is_refused_and_a_fixed_gpu_under_a_launcher_too(tiny_llama, tmp_path, monkeypatch):
+    data = write_pairs(tmp_path / "pairs.tsv", 8)
+    tree = run_config(tiny_llama, tmp_path / "run", data)
+    tree["model"]["precision"] = "fp16"
+    with pytest.raises(ConfigError, match="fp16 training needs loss scaling"):
+        parse_run_config(tree)
+
+    from postlab import distributed, models
+
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    monkeypatch.setattr(distributed, "device", lambda: torch.device("cpu"))
+    with pytest.raises(ModelError, match="model.device='cuda:1' under a multi-process launch"):
+        models.resolve_device("cuda:1")
+    assert models.resolve_device("cuda") == torch.device("cpu")  # this process's own device
