@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from postlab import study as st
 from postlab.cli import main
@@ -364,3 +365,38 @@ def test_estimate_counts_reused_stages_as_free_and_cut_completions_as_shorter(tm
     assert cut.train_tokens < sft.train_tokens / 3  # 8 of ~81 completion tokens kept
     assert "sft (reused)" in st.format_plan(st.load_study(tmp_path / "est.yaml"), runs, tmp_path, estimate(runs)[0],
                                             estimate(runs)[1])
+
+
+def _results(out: Path) -> dict:
+    """Per run: final metrics and every logged loss (wall-clock fields aside)."""
+    res = {}
+    for d in sorted((out / "runs").iterdir()):
+        result = json.loads((d / "result.json").read_text())
+        losses = [json.loads(x).get("loss") for x in (d / "metrics.jsonl").read_text().splitlines()]
+        res[d.name] = (result["metrics"], losses)
+    return res
+
+
+@pytest.mark.parametrize("how", [{"workers": 2}, {"executor": "ray"}])
+def test_runs_side_by_side_give_the_same_results_as_one_after_another(tmp_path, tiny_llama, how, monkeypatch):
+    """4 runs (2 regimes x 2 seeds; sft->dpo shares its SFT stage with sft): in worker processes or as Ray
+    tasks, the same results as in this process, and the shared SFT stage trained once per seed."""
+    if how.get("executor") == "ray":
+        pytest.importorskip("ray")
+    regimes = {"sft": {"stages": [{"name": "sft", "objective": {"name": "nll"}}]},
+               "sft->dpo": {"stages": [{"name": "sft", "objective": {"name": "nll"}},
+                                       {"name": "dpo", "objective": {"name": "dpo", "beta": 0.1}}]}}
+    path = tiny_study(tmp_path, tiny_llama, seeds=(0, 1))
+    tree = yaml.safe_load(path.read_text())
+    tree["axes"]["regime"] = regimes
+    path = write_study(tmp_path / "side.yaml", tree)
+    study = st.load_study(path)
+    monkeypatch.setenv("POSTLAB_CACHE", str(tmp_path / "cache-one"))
+    one = st.run_study(study, tmp_path / "one", progress=False, report=False)
+    monkeypatch.setenv("POSTLAB_CACHE", str(tmp_path / "cache-side"))  # nothing computed before
+    side = st.run_study(study, tmp_path / "side", progress=False, report=False, **how)
+    assert not one.failed and not side.failed and len(side.ran) == 4
+    assert _results(tmp_path / "side") == _results(tmp_path / "one")
+    reused = [json.loads((tmp_path / "side" / "runs" / rid / "0-sft" / "done.json").read_text()).get("reused_from")
+              for rid in side.ran]
+    assert sum(r is not None for r in reused) == 2  # each seed's SFT stage trained once, reused once

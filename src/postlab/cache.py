@@ -3,6 +3,7 @@ model stays in memory during training. Keyed by a hash of the model weights, the
 the settings; validated on load."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +33,23 @@ def cache_dir() -> Path:
     """Computed results reused across runs (log-probs, samples, evaluations, completed stages):
     $POSTLAB_CACHE, else <postlab home>/cache. Safe to delete; everything in it is recomputed."""
     return Path(os.environ.get("POSTLAB_CACHE", postlab_home() / "cache")).expanduser()
+
+
+@contextlib.contextmanager
+def lock(name: str):
+    """An exclusive lock, across the processes of this machine, on one cached result (by its key): the
+    runs of a study executed side by side (`--workers`) compute each shared result once, and the others
+    wait for it and read it. (A file lock: on a cluster, give each machine its own POSTLAB_CACHE.)"""
+    import fcntl
+
+    path = location("locks") / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def location(kind: str) -> Path:
@@ -128,14 +146,19 @@ def cached_evaluation(lm: LM, settings: dict, out_dir: Path, compute: Callable[[
     once per model weights: the base model's evaluation is shared by every run that starts from it,
     and a stage's starting evaluation is its predecessor's final one. Files the evaluation writes
     (predictions, generated text) are kept with the cached metrics and copied to `out_dir`."""
-    import shutil
-
     from . import __version__
-    from .checkpoint import atomic_write_json
 
     # per_example 2: evaluations write per-example statistics (postlab.metrics); older entries lack them
     key = cache_key(lm, [], {"role": "evaluation", "postlab": __version__, "per_example": 2, **settings})
-    entry = location("eval") / key
+    with lock(f"eval-{key}"):
+        return _cached_evaluation(location("eval") / key, out_dir, compute)
+
+
+def _cached_evaluation(entry: Path, out_dir: Path, compute: Callable[[Path], dict[str, float]]) -> dict[str, float]:
+    import shutil
+
+    from .checkpoint import atomic_write_json
+
     metrics_file = entry / "metrics.json"
     if metrics_file.is_file():
         try:

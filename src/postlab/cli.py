@@ -218,7 +218,8 @@ def cmd_study(a: argparse.Namespace) -> int:
         print(power_section(study, runs, study_dir, a.variance_from))
         return 1 if notes["unavailable"] else 0
     try:
-        outcome = st.run_study(study, study_dir, shard, runs=runs, progress=not a.no_progress)
+        outcome = st.run_study(study, study_dir, shard, runs=runs, progress=not a.no_progress, workers=a.workers,
+                               executor=a.executor, gpus_per_run=a.gpus_per_run)
     except KeyboardInterrupt:
         print(f"interrupted; rerun `postlab study run {a.file}` (same options) to continue: complete runs are "
               f"skipped and the interrupted one resumes from its last checkpoint", file=sys.stderr)
@@ -367,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     help="a study directory whose measured variances size this study's power "
                                          "(default: runs of this study already done, else the tasks' stated defaults)")
     ss.choices["run"].add_argument("--no-progress", action="store_true", help="no progress bars")
+    ss.choices["run"].add_argument("--workers", type=number(int, ge=1), default=1,
+                                   help="runs side by side in N processes (one GPU each, or the CPU cores split)")
+    ss.choices["run"].add_argument("--executor", choices=["local", "ray"], default="local",
+                                   help="ray: each run a Ray task over the cluster ray.init() finds (pip install 'postlab[ray]')")
+    ss.choices["run"].add_argument("--gpus-per-run", type=number(float, ge=0), default=0.0, help="with --executor ray")
     q = ss.add_parser("report", help="write <dir>/report/report.md with tables, plots and paired comparisons")
     q.add_argument("dir", help="a study directory (holding runs/)")
     q.add_argument("--out", type=location, help="output directory (default <dir>/report)")

@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from . import faults
-from .cache import cache_key, load_tensors, location, save_tensors
+from .cache import cache_key, load_tensors, location, lock, save_tensors
 from .data import CHUNK_ROWS, Example, ScoreBatch, Tokenized, score_batch, tokenize
 from .decoder import decoder_and_head
 from .models import LM
@@ -167,12 +167,13 @@ def cached_token_logps(lm: LM, items: list[Tokenized], role: str, batch_size: in
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{role}{f'-top{topk}' if topk else ''}-{key}.safetensors"
     names = ("values", "topk_values", "topk_index") if topk else ("values",)
-    got = load_tensors(path, key, len(items), names) if path.is_file() else None
-    if got is not None:
-        log.info("%s log-probs: reusing cache %s", role, path)
-    else:
-        computed = token_logps(lm, items, batch_size, desc=f"{role} log-probs", topk=topk)
-        got = dict(zip(names, computed if topk else (computed,)))
-        save_tensors(path, key, got)
-        log.info("%s log-probs: computed for %d items, cached at %s", role, len(items), path)
+    with lock(f"logps-{key}"):  # runs side by side compute it once; the others read it
+        got = load_tensors(path, key, len(items), names) if path.is_file() else None
+        if got is not None:
+            log.info("%s log-probs: reusing cache %s", role, path)
+        else:
+            computed = token_logps(lm, items, batch_size, desc=f"{role} log-probs", topk=topk)
+            got = dict(zip(names, computed if topk else (computed,)))
+            save_tensors(path, key, got)
+            log.info("%s log-probs: computed for %d items, cached at %s", role, len(items), path)
     return tuple(got[n] for n in names) if topk else got["values"]

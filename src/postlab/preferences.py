@@ -104,6 +104,14 @@ def sample_completions(sampler: LM, prompts: list[str], cfg: PairsConfig, cache_
     ident = sampler_identity(sampler)
     key = samples_key(ident["weights"], ident["tokenizer"], ident["precision"], ident["device"], prompts, cfg)
     path = Path(cache_dir) / f"{tag}-{key[:32]}.json"
+    from .cache import lock
+
+    with lock(f"samples-{key[:32]}"):  # runs side by side sample once; the others read the file
+        return _sample_completions(sampler, prompts, cfg, path, key, ident, m)
+
+
+def _sample_completions(sampler: LM, prompts: list[str], cfg: PairsConfig, path: Path, key: str, ident: dict,
+                        m: int) -> tuple[list[list[str]], Path]:
     if path.is_file():
         got = _load_cached(path, key, len(prompts), m)
         if got is not None:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 from dataclasses import replace
@@ -19,7 +20,7 @@ import yaml
 
 from . import distributed as dist
 from . import faults
-from .cache import cached_evaluation, location, tokenizer_fingerprint
+from .cache import cached_evaluation, location, lock, tokenizer_fingerprint
 from .checkpoint import atomic_write_json, atomic_write_text, read_json, trainable_state
 from .config import ModelConfig, RunConfig, StageConfig, dump_config, parse_run_config
 from .data import tokenize
@@ -204,17 +205,19 @@ def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
             pending = sdir / "model"
             continue
         last = i == len(cfg.stages) - 1
-        reused = reuse_stage(cfg, i, sdir, metrics, needs_model=not last) if dist.world_size() == 1 else None
-        if reused is not None:
-            stages.append(reused)
-            pending = sdir / "model"
-            continue
-        if pending is not None:
-            lm = load_lm(str(pending), m.device, m.precision, m.trust_remote_code, m.max_length)
-            pending = None
-        done, lm = run_stage(lm, cfg, i, stage, sdir, metrics, last=last)
-        stages.append(done)
-        register_stage(cfg, i, sdir)
+        # one process trains a stage that runs side by side share (study --workers); the others reuse it
+        with (lock(f"stage-{stage_prefix_key(cfg, i)}") if dist.world_size() == 1 else contextlib.nullcontext()):
+            reused = reuse_stage(cfg, i, sdir, metrics, needs_model=not last) if dist.world_size() == 1 else None
+            if reused is not None:
+                stages.append(reused)
+                pending = sdir / "model"
+                continue
+            if pending is not None:
+                lm = load_lm(str(pending), m.device, m.precision, m.trust_remote_code, m.max_length)
+                pending = None
+            done, lm = run_stage(lm, cfg, i, stage, sdir, metrics, last=last)
+            stages.append(done)
+            register_stage(cfg, i, sdir)
     result = {"run_id": out.name, "task": cfg.stages[-1].task.name, "metrics": stages[-1]["metrics"], "stages": stages,
               "wall_s": round(time.perf_counter() - t0, 2), "device": stages[-1].get("device"),
               "precision": lm.precision, "cpu": cpu_name(), "versions": versions()}

@@ -8,8 +8,6 @@ import json
 import logging
 import math
 import re
-import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from ..estimate import RunEstimate, human_n, human_s
 from ..hub import is_hub_id
 from ..validate import output_location
 from .file import Study
+from .executors import Job, in_process, local_workers, ray_tasks
 from .grid import PlannedRun, plan
 
 log = logging.getLogger("postlab")
@@ -139,10 +138,14 @@ def run_dir(study_dir: Path, rid: str) -> Path:
 
 
 def run_config(study_dir: Path, r: PlannedRun) -> RunConfig:
-    return parse_run_config({**r.tree, "output_dir": str(run_dir(study_dir, r.run_id))}, source=f"run {r.run_id}")
+    return run_config_of(study_dir, r.run_id, r.tree)
 
 
-def _sync_output_dir(out: Path, cfg: RunConfig) -> None:
+def run_config_of(study_dir: Path, rid: str, tree: dict) -> RunConfig:
+    return parse_run_config({**tree, "output_dir": str(run_dir(study_dir, rid))}, source=f"run {rid}")
+
+
+def sync_output_dir(out: Path, cfg: RunConfig) -> None:
     """A study directory that moved (or was named another way) still resumes: when the saved config
     differs from the new one only in output_dir, rewrite it."""
     saved = out / "config.yaml"
@@ -157,7 +160,7 @@ def _sync_output_dir(out: Path, cfg: RunConfig) -> None:
         atomic_write_text(saved, dump_config(cfg))
 
 
-def _add_axes(out: Path, axes: dict[str, Any]) -> None:
+def add_axes(out: Path, axes: dict[str, Any]) -> None:
     """Put the run's axes into its result.json (atomically) if they are not there yet."""
     path = out / "result.json"
     result = json.loads(path.read_text(encoding="utf-8"))
@@ -178,14 +181,14 @@ def _complete(out: Path) -> bool:
 
 
 def run_study(study: Study, study_dir: str | Path | None = None, shard: tuple[int, int] | None = None,
-              runs: list[PlannedRun] | None = None, progress: bool = True, report: bool | None = None) -> StudyOutcome:
+              runs: list[PlannedRun] | None = None, progress: bool = True, report: bool | None = None,
+              workers: int = 1, executor: str = "local", gpus_per_run: float = 0.0) -> StudyOutcome:
     """Run every run of `study` (or of one shard) in `study_dir`, skipping complete runs and
-    resuming interrupted ones. A run that fails is recorded (error.txt) and the study goes on.
+    resuming interrupted ones, one after another, on `workers` processes side by side, or as Ray
+    tasks (postlab.study.executors). A run that fails is recorded (error.txt) and the study goes on.
     Writes the report at the end unless sharded (or `report` says otherwise)."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from ..run import run
 
     study_dir = output_location(study_dir if study_dir is not None else study.default_dir(), "study directory")
     runs = plan(study) if runs is None else runs
@@ -207,7 +210,7 @@ def run_study(study: Study, study_dir: str | Path | None = None, shard: tuple[in
         out = run_dir(study_dir, r.run_id)
         atomic_write_json(out / "axes.json", r.axes)
         if _complete(out):
-            _add_axes(out, r.axes)
+            add_axes(out, r.axes)
             outcome.skipped.append(r.run_id)
         else:
             todo.append(r)
@@ -216,35 +219,31 @@ def run_study(study: Study, study_dir: str | Path | None = None, shard: tuple[in
     bar = tqdm(total=len(mine), initial=len(outcome.skipped), position=0, desc=f"study {study.name}", unit="run",
                dynamic_ncols=True, disable=not progress,
                bar_format="{desc}: {n}/{total} runs |{bar}| {elapsed}{postfix}")
+    jobs = [Job(str(study_dir), r.run_id, r.tree, r.axes) for r in todo]
+    if executor == "ray":
+        results = ray_tasks(jobs, gpus_per_run=gpus_per_run)
+    elif workers > 1:
+        log.info("study %s: %d run(s) on %d worker processes", study.name, len(jobs), workers)
+        results = local_workers(jobs, workers)
+    else:
+        results = in_process(jobs)
     redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
     try:
         with redirect:
-            for k, r in enumerate(todo):
-                out = run_dir(study_dir, r.run_id)
-                left = len(todo) - k
-                eta = human_s(sum(done_times) / len(done_times) * left) if done_times else "?"
-                bar.set_postfix_str(f"now {r.run_id}, ETA {eta}")
-                log.info("study %s: run %d/%d %s", study.name, len(outcome.skipped) + k + 1, len(mine), r.run_id)
-                t0 = time.perf_counter()
-                try:
-                    cfg = run_config(study_dir, r)
-                    _sync_output_dir(out, cfg)
-                    run(cfg, resume=True)
-                    _add_axes(out, r.axes)
-                except Exception as e:  # noqa: BLE001 - one failed run must not end the study
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    detail = (f"{type(e).__name__}: {e}\n" if isinstance(e, PostlabError)
-                              else f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
-                    atomic_write_text(out / "error.txt", detail)
-                    outcome.failed.append((r.run_id, first))
-                    log.error("study %s: run %s failed: %s (details in %s)", study.name, r.run_id, first,
-                              out / "error.txt")
+            if todo and workers == 1 and executor != "ray":
+                bar.set_postfix_str(f"now {todo[0].run_id}")
+            for k, done in enumerate(results):
+                if done.error is None:
+                    done_times.append(done.seconds)
+                    outcome.ran.append(done.run_id)
                 else:
-                    (out / "error.txt").unlink(missing_ok=True)
-                    done_times.append(time.perf_counter() - t0)
-                    outcome.ran.append(r.run_id)
+                    outcome.failed.append((done.run_id, done.error))
+                    log.error("study %s: run %s failed: %s (details in %s)", study.name, done.run_id, done.error,
+                              run_dir(study_dir, done.run_id) / "error.txt")
                 bar.update(1)
-            bar.set_postfix_str("done")
+                left = len(todo) - k - 1
+                eta = human_s(sum(done_times) / len(done_times) * left / max(workers, 1)) if done_times and left else "?"
+                bar.set_postfix_str(f"{left} left, ETA {eta}" if left else "done")
     finally:
         bar.close()
     if (report if report is not None else shard is None):
