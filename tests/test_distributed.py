@@ -201,3 +201,17 @@ def test_a_micro_batch_smaller_than_the_process_count_is_refused(tiny_llama, tmp
     data = write_pairs(tmp_path / "pairs.tsv", n=8)
     with pytest.raises(TrainingError, match="optim.batch_size=2 is smaller than the 4 processes"):
         run(parse_run_config(run_config(tiny_llama, tmp_path / "run", data, optim={"batch_size": 2})))
+
+
+@pytest.mark.parametrize("fail_at", ["file-write#3", "eval#1"])
+def test_a_failure_on_the_main_process_stops_every_process(tiny_llama, tmp_path, fail_at):
+    """The main process fails while the other waits for it (writing a checkpoint or evaluating): both
+    stop with an error instead of the other hanging at the next collective."""
+    data = write_pairs(tmp_path / "pairs.tsv", n=8)
+    two = run_config(tiny_llama, tmp_path / "two", data, epochs=1, optim={"lr": 1e-3, "batch_size": 4})
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(yaml.safe_dump(two))
+    # eval#1 is reached by the main process only; file-write#3 (a write inside the stage) too: only it fails
+    p = launch(cfg_path, 2, tmp_path, env={"POSTLAB_FAIL_AT": fail_at, "POSTLAB_DIST_TIMEOUT": "120"})
+    assert p.returncode != 0
+    assert "injected failure" in p.stderr and "failed on another process" in p.stderr, p.stderr[-3000:]

@@ -27,8 +27,12 @@ def _state():
     from accelerate import PartialState
 
     # accelerate picks the backend (NCCL on GPUs, gloo on CPU) and the device of this process; on a
-    # machine without GPUs it joins the processes only when told they are CPU processes.
-    return PartialState(cpu=not torch.cuda.is_available())
+    # machine without GPUs it joins the processes only when told they are CPU processes. A collective
+    # that waits longer than POSTLAB_DIST_TIMEOUT seconds (default 30 min) fails instead of hanging.
+    from datetime import timedelta
+
+    timeout = timedelta(seconds=float(os.environ.get("POSTLAB_DIST_TIMEOUT", 1800)))
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
 
 
 def world_size() -> int:
@@ -50,6 +54,29 @@ def device() -> torch.device:
 def barrier() -> None:
     if launched():
         _state().wait_for_everyone()
+
+
+@contextlib.contextmanager
+def main_only(what: str):
+    """Around work that one process does while the others wait (writing a checkpoint, evaluating):
+    afterwards every process learns whether it failed, so a failure on the main process stops all of
+    them with an error instead of leaving the others waiting at the next collective."""
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the others are told
+        error = e
+    if launched():
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if error is not None else 0.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if error is None and flag.item() > 0:
+            from .errors import TrainingError
+
+            raise TrainingError(f"{what} failed on another process (see its error); this process stops too")
+    if error is not None:
+        raise error
 
 
 @contextlib.contextmanager

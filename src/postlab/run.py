@@ -191,8 +191,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     dist.barrier()  # every process checked for an earlier run before the main one writes
-    if dist.is_main():
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
+    with dist.main_only(f"{out}: writing config.yaml"):
+        if dist.is_main():
+            atomic_write_text(out / "config.yaml", dump_config(cfg))
     t0 = time.perf_counter()
     m = cfg.model
     lm = load_lm(m.name, m.device, m.precision, m.trust_remote_code, m.max_length)
@@ -221,9 +222,9 @@ def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
     result = {"run_id": out.name, "task": cfg.stages[-1].task.name, "metrics": stages[-1]["metrics"], "stages": stages,
               "wall_s": round(time.perf_counter() - t0, 2), "device": stages[-1].get("device"),
               "precision": lm.precision, "cpu": cpu_name(), "versions": versions()}
-    if dist.is_main():
-        atomic_write_json(out / "result.json", result)
-    dist.barrier()
+    with dist.main_only(f"{out}: writing result.json"):
+        if dist.is_main():
+            atomic_write_json(out / "result.json", result)
     return result
 
 
@@ -306,10 +307,10 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
         # The earlier adapter was merged: this stage's base exists only in memory, so write it out
         # (a new adapter must name a base that loads from disk).
         base = lm.model.get_base_model() if adapter_of(lm.model) is not None else lm.model
-        if dist.is_main():
-            base.save_pretrained(sdir / "base", safe_serialization=True)
-            lm.tokenizer.save_pretrained(sdir / "base")
-        dist.barrier()
+        with dist.main_only(f"stage {stage.name}: writing its base model"):
+            if dist.is_main():
+                base.save_pretrained(sdir / "base", safe_serialization=True)
+                lm.tokenizer.save_pretrained(sdir / "base")
         lm = replace(lm, source=str(sdir / "base"))
     log.info("stage %s: %s, objective %s, %s", stage.name, stage.parameterization.method, stage.objective.name,
              describe(lm.model))
@@ -343,17 +344,17 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
         metrics.write({"stage": stage.name, "split": "dev", "step": summary["steps"], "expo_lambda": stage.expo_lambda,
                        **summary["metrics"]})
     if stage.save_model or not last:  # later stages (and their resumption) start from this model
-        if dist.is_main():
-            save_model(lm.model, lm.tokenizer, sdir / "model", lm.source)
-        dist.barrier()
+        with dist.main_only(f"stage {stage.name}: writing its model"):
+            if dist.is_main():
+                save_model(lm.model, lm.tokenizer, sdir / "model", lm.source)
         if adapter_of(lm.model) is None:
             lm = replace(lm, source=str(sdir / "model"))
     trainable, total = count_parameters(lm.model)
     done = {"name": stage.name, "objective": stage.objective.name, "parameterization": stage.parameterization.method,
             "trainable_params": trainable, "total_params": total, "examples": len(items), **summary,
             "train_s": summary["wall_s"], "prepare_s": prepare_s, "wall_s": round(summary["wall_s"] + prepare_s, 2)}
-    if dist.is_main():
-        atomic_write_json(sdir / "done.json", done)
-    faults.point("stage-done")
-    dist.barrier()
+    with dist.main_only(f"stage {stage.name}: writing done.json"):
+        if dist.is_main():
+            atomic_write_json(sdir / "done.json", done)
+        faults.point("stage-done")
     return done, lm

@@ -366,19 +366,19 @@ def _optimizer_step(model: torch.nn.Module, par, opt, sched, grad_clip: float | 
 def _evaluate(lm: LM, par, at: Progress, evaluate, metrics: MetricsLog, stage: str, epoch: float) -> None:
     """Evaluate on the main process (the others wait) and log a dev record."""
     with par.whole_model(lm):
-        if dist.is_main():
-            t = time.perf_counter()
-            at.last_eval = evaluate(at.step)
-            metrics.write({"stage": stage, "split": "dev", "step": at.step, "epoch": round(epoch, 4),
-                           "eval_s": round(time.perf_counter() - t, 2), **at.last_eval})
-        dist.barrier()
+        with dist.main_only(f"stage {stage}: the evaluation at step {at.step}"):
+            if dist.is_main():
+                t = time.perf_counter()
+                at.last_eval = evaluate(at.step)
+                metrics.write({"stage": stage, "split": "dev", "step": at.step, "epoch": round(epoch, 4),
+                               "eval_s": round(time.perf_counter() - t, 2), **at.last_eval})
 
 
 def _save(plan: StagePlan, par, model, opt, sched, at: Progress, t_start: float, group: int) -> None:
     """Checkpoint the weights, optimizer and scheduler and where the stage is (main process writes)."""
     weights, optim_state = par.checkpoint_state(model, opt)  # gathered to the main process
-    if dist.is_main():
-        save_checkpoint(plan.checkpoint, weights, optim_state, sched,
-                        {"step": at.step, "epoch": at.epoch, "group": group, "tokens": at.tokens,
-                         "wall_s": time.perf_counter() - t_start, "last_eval": at.last_eval})
-    dist.barrier()
+    with dist.main_only(f"stage {plan.cfg.name}: the checkpoint at step {at.step}"):
+        if dist.is_main():
+            save_checkpoint(plan.checkpoint, weights, optim_state, sched,
+                            {"step": at.step, "epoch": at.epoch, "group": group, "tokens": at.tokens,
+                             "wall_s": time.perf_counter() - t_start, "last_eval": at.last_eval})
