@@ -90,8 +90,8 @@ def test_a_compiled_stage_trains_like_an_eager_one(tiny_llama, tmp_path):
                           "model": {"name": str(tiny_llama), "precision": "fp32", "compile": "inductor"}})
 
 
-def _first_dpo_loss(model: Path, out: Path, data: Path, **stage) -> float:
-    tree = {"model": {"name": str(model), "device": "cpu", "precision": "fp32"}, "output_dir": str(out),
+def _first_dpo_loss(model: Path, out: Path, data: Path, precision: str = "fp32", **stage) -> float:
+    tree = {"model": {"name": str(model), "device": "cpu", "precision": precision}, "output_dir": str(out),
             "reuse_stages": False,
             "stages": [{"name": "dpo", "task": {"name": "file", "train": str(data)}, "eval_at_start": False,
                         "log_every": 1, "objective": {"name": "dpo", "beta": 0.1}, "max_steps": 1,
@@ -131,3 +131,45 @@ def test_fp16_training_is_refused_and_a_fixed_gpu_under_a_launcher_too(tiny_llam
     with pytest.raises(ModelError, match="model.device='cuda:1' under a multi-process launch"):
         models.resolve_device("cuda:1")
     assert models.resolve_device("cuda") == torch.device("cpu")  # this process's own device
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_dpo_stage_starts_at_log_2(tiny_llama, tmp_path, precision):
+    """Policy and cached reference agree before any update, in bf16 too, when the reference pass sees
+    the batch the first step sees (4 pairs, batch 4): nothing but batch shapes separates them (no
+    dropout, same autocast, same fp32 head). Other shapes move bf16 log-probs by a few bf16 units."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Item {i} is", "chosen": f" good and fine {i}",
+                                        "rejected": " bad and not fine"}) + "\n" for i in range(4)))
+    loss = _first_dpo_loss(tiny_llama, tmp_path / "run", data, precision, eval_batch_size=4)
+    assert loss == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_the_head_runs_in_fp32_under_bf16_autocast(tiny_llama):
+    """Scored log-probs under bf16 autocast are the fp32 log-softmax of fp32 logits of the (autocast)
+    hidden states: bf16 logits would be off by up to half a bf16 unit of |logit| each."""
+    from postlab.data import Example, score_batch
+    from postlab.decoder import decoder_and_head
+    from postlab.logprobs import score
+
+    lm = load_lm(str(tiny_llama), device="cpu", precision="bf16")
+    with torch.no_grad():  # large logits, so bf16 rounding of them would show
+        decoder_and_head(lm.model)[1].weight.mul_(40)
+    examples = [Example(f"Count {i}: one", " two three four" if i % 2 else " five") for i in range(6)]
+    items, _ = tokenize(examples, lm.tokenizer, 64)
+    batch = score_batch(items, lm.tokenizer.pad_token_id)
+    body, head = decoder_and_head(lm.model)
+    with torch.no_grad():
+        logps, mask = score(lm, batch)
+        L = batch.input_ids.shape[1]
+        with lm.autocast():
+            causal = torch.ones(L, L, dtype=torch.bool).tril_()[None, None]
+            hidden = body(input_ids=batch.input_ids, attention_mask=causal, use_cache=False).last_hidden_state
+        h = hidden.reshape(-1, hidden.shape[-1]).float()
+        full = torch.log_softmax(h @ head.weight.float().T, -1)
+        bf16_logits = torch.log_softmax((h.bfloat16() @ head.weight.bfloat16().T).float(), -1)
+    expected = full[batch.hidden_index[batch.entry_hidden], batch.entry_target]
+    got = logps[batch.entry_answer, batch.entry_slot]
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    rounded = bf16_logits[batch.hidden_index[batch.entry_hidden], batch.entry_target]
+    assert (rounded - expected).abs().max() > 1e-3  # the test could tell the two apart
