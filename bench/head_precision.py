@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import postlab.logprobs as logprobs
 from common import case_data, postlab_stage
 from postlab.data import score_batch, tokenize
 from postlab.models import load_lm
+from postlab.run import cpu_name
 
 FP32_HEAD = logprobs._logits
 
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data")
     a = ap.parse_args()
     lm32, lm16 = load_lm("smollm2-135m", precision="fp32"), load_lm("smollm2-135m", precision="bf16")
-    out: dict = {"meta": {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    out: dict = {"meta": {"machine": cpu_name(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "n": a.n}, "accuracy": {}, "sft_stage_s": {}}
     for task in ("paraphrase", "sonnets"):
         items, _ = tokenize(case_data(task, "dpo", a.n, a.data), lm32.tokenizer, 2048, append_eos=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -23,7 +22,9 @@ import torch
 
 from common import case_data, postlab_stage
 from postlab.data import tokenize
-from postlab.models import decoder_and_head, load_lm
+from postlab.decoder import decoder_and_head
+from postlab.models import load_lm
+from postlab.run import cpu_name
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -83,7 +84,7 @@ def main() -> None:
         results[kind] = {"seconds": secs, "median_s": s, "decoder_tokens": fwd_tokens, "scored_tokens": scored,
                          "useful_flops": train_flops + ref_flops, "achieved_flops_per_s": achieved,
                          "mfu_vs_fp32_peak": achieved / peaks["fp32"], "mfu_vs_bf16_peak": achieved / peaks["bf16"]}
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    meta = {"machine": cpu_name(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": lm.precision,
             "matmul_params": n_matmul, "d_model": d, "vocab": vocab, "peaks_flops_per_s": peaks,
             "n": a.n, "batch": a.batch, "repeats": a.repeats}

@@ -3,9 +3,10 @@ the matrix multiplications run compared with this machine's measured matmul peak
 
     .venv/bin/python bench/profile_step.py                          # SFT, paraphrase, batch 16
     .venv/bin/python bench/profile_step.py --kind dpo --task sonnets --batch 8
+    .venv/bin/python bench/profile_step.py --precision bf16          # bf16 autocast, against the bf16 peak
 
 Profiles `--steps` training steps after one warm-up step, through the same `train_stage` a run uses.
-Writes bench/results/profile_<kind>_<task>.json (and a Chrome trace with --trace).
+Writes bench/results/profile_<kind>_<task>[_bf16].json (and a Chrome trace with --trace).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from common import case_data, postlab_stage
 from mfu import matmul_peak
 from postlab.models import load_lm
+from postlab.run import cpu_name
 
 CLASSES = [  # (class, regex over aten op names), first match wins
     ("matmul", r"^aten::(mm|addmm|bmm|matmul|linear|baddbmm)$"),
@@ -47,15 +49,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--trace", action="store_true")
     a = ap.parse_args()
 
-    peak = matmul_peak(torch.float32)
-    lm = load_lm("smollm2-135m", precision="fp32")
+    dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
+    peak = matmul_peak(dtype, n=1024 if a.precision == "bf16" else 2048)
+    lm = load_lm("smollm2-135m", precision=a.precision)
     raw = case_data(a.task, a.kind, a.batch * (a.steps + 1), a.data)
     objective = "nll" if a.kind == "sft" else "dpo"
     # Warm-up step outside the profile (allocator, first-call costs), then the profiled steps.
-    postlab_stage(load_lm("smollm2-135m", precision="fp32"), objective, raw[:a.batch], a.batch, 1e-5, append_eos=True)
+    postlab_stage(load_lm("smollm2-135m", precision=a.precision), objective, raw[:a.batch], a.batch, 1e-5, append_eos=True)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
         out = postlab_stage(lm, objective, raw, a.batch, 1e-5, append_eos=True)
     events = prof.key_averages()
@@ -70,12 +74,13 @@ def main() -> None:
     total = out["seconds"]
     ops = sum(by_class.values())
     rows = sorted(by_class.items(), key=lambda kv: -kv[1])
-    result = {"kind": a.kind, "task": a.task, "batch": a.batch, "steps": out["steps"], "wall_s": total,
+    result = {"machine": cpu_name(), "kind": a.kind, "task": a.task, "precision": a.precision, "batch": a.batch, "steps": out["steps"], "wall_s": total,
               "aten_self_s": ops, "by_class_s": dict(rows), "matmul_flops": matmul_flops,
-              "matmul_flops_per_s": matmul_flops / max(by_class["matmul"], 1e-9), "fp32_peak_flops_per_s": peak,
+              "matmul_flops_per_s": matmul_flops / max(by_class["matmul"], 1e-9), "peak_flops_per_s": peak,
               "top_ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count}
                           for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]]}
-    path = Path(f"bench/results/profile_{a.kind}_{a.task}.json")
+    suffix = "_bf16" if a.precision == "bf16" else ""
+    path = Path(f"bench/results/profile_{a.kind}_{a.task}{suffix}.json")
     path.write_text(json.dumps(result, indent=2))
     if a.trace:
         prof.export_chrome_trace(str(path.with_suffix(".trace.json")))
@@ -84,7 +89,7 @@ def main() -> None:
     for cls, s in rows:
         print(f"  {cls:32s} {s:7.2f} s  {100 * s / ops:5.1f}%")
     print(f"matmuls: {matmul_flops / 1e9:.0f} GFLOP at {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s = "
-          f"{100 * result['matmul_flops_per_s'] / peak:.0f}% of the measured fp32 peak ({peak / 1e9:.1f} GFLOP/s)")
+          f"{100 * result['matmul_flops_per_s'] / peak:.0f}% of the measured {a.precision} peak ({peak / 1e9:.1f} GFLOP/s)")
     print(f"written to {path}")
 
 

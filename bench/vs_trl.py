@@ -14,13 +14,18 @@ completion tokens only, completions ending with EOS (TRL's convention, so both l
 tokens); DPO sigmoid loss with beta 0.1 against the initial model. TRL's DPO computes the reference
 forward every step with a second model in memory (its default); postlab's time includes its one
 reference pass before training. Losses are the mean of the per-step training losses.
+
+Same order, same saving: both see the same micro-batches in the same order (postlab's first-epoch
+length-grouped batches; TRL reads the data in that order with a sequential sampler), and both write
+one checkpoint at the end of the epoch (weights and optimizer state: postlab's resumable checkpoint,
+TRL's save_strategy "epoch"). The time of that save is measured in each tool and reported apart, so
+the table has both: training with the save, and training alone.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,9 +41,21 @@ CASES = {  # name -> (task, kind, default examples, default batch)
 LR = {"sft": 2e-5, "dpo": 5e-6}
 
 
+def postlab_order(raw: list, batch: int) -> list:
+    """`raw` in the order postlab's first epoch reads it (seed 0, length-grouped micro-batches)."""
+    from postlab.data import length_grouped_batches, tokenize
+    from postlab.models import load_tokenizer, resolve_model_path
+
+    if len(raw) % batch:
+        raise SystemExit(f"--n {len(raw)} is not a multiple of the batch {batch}: the two tools' batches would differ")
+    items, _ = tokenize(raw, load_tokenizer(resolve_model_path("smollm2-135m")), 8192, append_eos=True)
+    return [raw[i] for b in length_grouped_batches([it.length for it in items], batch, 0, True) for i in b]
+
+
 def trl_worker(case: str, n: int, batch: int, precision: str, data: str) -> dict:
     import torch
     from datasets import Dataset
+    from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -46,13 +63,13 @@ def trl_worker(case: str, n: int, batch: int, precision: str, data: str) -> dict
     from postlab.models import resolve_model_path
 
     task, kind, _, _ = CASES[case]
-    raw = case_data(task, kind, n, data)
+    raw = postlab_order(case_data(task, kind, n, data), batch)
     path = resolve_model_path("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     common = dict(per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=LR[kind],
                   lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                  adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, logging_steps=1, save_strategy="no",
+                  adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, logging_steps=1, save_strategy="epoch",
                   report_to="none", use_cpu=True, bf16=precision == "bf16", gradient_checkpointing=False,
                   dataloader_num_workers=0, seed=0, max_length=None, disable_tqdm=True)
     with tempfile.TemporaryDirectory() as d:
@@ -64,23 +81,41 @@ def trl_worker(case: str, n: int, batch: int, precision: str, data: str) -> dict
             ds = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in raw])
             trainer = DPOTrainer(model=model, args=DPOConfig(output_dir=d, beta=0.1, loss_type=["sigmoid"], **common),
                                  train_dataset=ds, processing_class=tok)
+        trainer._get_train_sampler = lambda *args, **kw: SequentialSampler(trainer.train_dataset)
+        save_s = timed(trainer, "_save_checkpoint")
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"seconds": seconds, "losses": losses, "examples": len(raw),
+    return {"seconds": seconds, "save_s": sum(save_s), "saves": len(save_s), "losses": losses, "examples": len(raw),
             "steps": trainer.state.global_step, "peak_rss_mb": peak_rss_mb()}
 
 
+def timed(owner, name: str) -> list[float]:
+    """Wrap `owner.name` so each call's seconds are appended to the returned list."""
+    calls, fn = [], getattr(owner, name)
+
+    def wrapper(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            calls.append(time.perf_counter() - t)
+    setattr(owner, name, wrapper)
+    return calls
+
+
 def postlab_worker(case: str, n: int, batch: int, precision: str, data: str) -> dict:
+    import postlab.train
     from common import case_data, peak_rss_mb, postlab_stage
     from postlab.models import load_lm
 
     task, kind, _, _ = CASES[case]
     raw = case_data(task, kind, n, data)
     lm = load_lm("smollm2-135m", precision=precision)
+    save_s = timed(postlab.train, "_save")
     out = postlab_stage(lm, "nll" if kind == "sft" else "dpo", raw, batch, LR[kind], append_eos=True)
-    return {**out, "peak_rss_mb": peak_rss_mb()}
+    return {**out, "save_s": sum(save_s), "saves": len(save_s), "peak_rss_mb": peak_rss_mb()}
 
 
 def measure(framework: str, case: str, n: int, batch: int, precision: str, data: str) -> dict:
@@ -112,6 +147,8 @@ def main() -> None:
 
     import torch
 
+    from postlab.run import cpu_name
+
     results = {}
     for case in cases:
         n, b = a.n or CASES[case][2], a.batch or CASES[case][3]
@@ -127,26 +164,30 @@ def main() -> None:
             s = statistics.median(x["seconds"] for x in rs)
             # Tokens of the data (prompt + each answer, as postlab tokenizes them): the same count for both.
             tokens = runs["postlab"][0]["tokens"]
+            s_alone = statistics.median(x["seconds"] - x["save_s"] for x in rs)
             row[fw] = {"median_s": s, "examples_per_s": rs[0]["examples"] / s, "tokens_per_s": tokens / s,
+                       "median_s_without_save": s_alone, "examples_per_s_without_save": rs[0]["examples"] / s_alone,
+                       "median_save_s": statistics.median(x["save_s"] for x in rs),
                        "mean_loss": statistics.median(statistics.mean(x["losses"]) for x in rs),
                        "final_loss": statistics.median(x["losses"][-1] for x in rs),
                        "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs)}
         row["speedup"] = row["trl"]["median_s"] / row["postlab"]["median_s"]
+        row["speedup_without_save"] = row["trl"]["median_s_without_save"] / row["postlab"]["median_s_without_save"]
         row["paired_speedup_median"] = statistics.median(t["seconds"] / p["seconds"]
                                                          for t, p in zip(runs["trl"], runs["postlab"]))
         results[case] = row
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    meta = {"machine": cpu_name(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": a.precision,
             "repeats": a.repeats, "command": " ".join(["python"] + sys.argv)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print(f"\n{'case':16s} {'n':>4s} {'TRL ex/s':>9s} {'ours ex/s':>9s} {'ours/TRL':>8s} {'TRL tok/s':>9s} "
-          f"{'ours tok/s':>10s} {'TRL loss':>8s} {'our loss':>8s} {'TRL RSS':>8s} {'our RSS':>8s}")
+    print(f"\n{'case':16s} {'n':>4s} {'TRL ex/s':>9s} {'ours ex/s':>9s} {'ours/TRL':>8s} {'w/o save':>8s} "
+          f"{'TRL save':>8s} {'our save':>8s} {'TRL loss':>8s} {'our loss':>8s} {'TRL RSS':>8s} {'our RSS':>8s}")
     for case, row in results.items():
         t, p = row["trl"], row["postlab"]
         print(f"{case:16s} {row['n']:4d} {t['examples_per_s']:9.2f} {p['examples_per_s']:9.2f} {row['speedup']:7.2f}x "
-              f"{t['tokens_per_s']:9.0f} {p['tokens_per_s']:10.0f} {t['mean_loss']:8.4f} {p['mean_loss']:8.4f} "
-              f"{t['peak_rss_mb']:7.0f}M {p['peak_rss_mb']:7.0f}M")
+              f"{row['speedup_without_save']:7.2f}x {t['median_save_s']:7.1f}s {p['median_save_s']:7.1f}s "
+              f"{t['mean_loss']:8.4f} {p['mean_loss']:8.4f} {t['peak_rss_mb']:7.0f}M {p['peak_rss_mb']:7.0f}M")
     print(f"(medians of {a.repeats}; written to {a.out})")
 
 
