@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import faults
+from .checkpoint import atomic_write_bytes
 from .data import Tokenized
 from .parameterizations import function_state
 
@@ -109,11 +110,10 @@ def save_tensors(path: Path, key: str, tensors: dict[str, list[list[torch.Tensor
     first = next(iter(tensors.values()))
     flat = {name: torch.cat([t for v in values for t in v]).contiguous() for name, values in tensors.items()}
     flat["lengths"] = torch.tensor([len(t) for v in first for t in v], dtype=torch.long)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(flat, str(tmp), metadata={"key": key, "items": str(len(first)), "per_item": str(len(first[0])),
-                                        "sha256": _content_hash(flat)})
+    data = save(flat, metadata={"key": key, "items": str(len(first)), "per_item": str(len(first[0])),
+                                "sha256": _content_hash(flat)})
     faults.point("cache-write")
-    tmp.replace(path)
+    atomic_write_bytes(path, data)
 
 
 def load_tensors(path: Path, key: str, n_items: int, names: tuple[str, ...]) -> dict[str, list[list[torch.Tensor]]] | None:

@@ -9,6 +9,7 @@ reference pass, an evaluation, sampled pairs) compute it once: the others wait o
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import traceback
@@ -16,6 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from ..checkpoint import atomic_write_json, atomic_write_text
+from ..config import RunConfig, dump_config, parse_run_config
+from ..errors import PostlabError
 
 
 @dataclass
@@ -35,11 +42,40 @@ class Done:
     seconds: float
 
 
+def run_dir(study_dir: Path, rid: str) -> Path:
+    return study_dir / "runs" / rid
+
+
+def run_config_of(study_dir: Path, rid: str, tree: dict) -> RunConfig:
+    return parse_run_config({**tree, "output_dir": str(run_dir(study_dir, rid))}, source=f"run {rid}")
+
+
+def sync_output_dir(out: Path, cfg: RunConfig) -> None:
+    """A study directory that moved (or was named another way) still resumes: when the saved config
+    differs from the new one only in output_dir, rewrite it."""
+    saved = out / "config.yaml"
+    if not saved.is_file() or saved.read_text() == dump_config(cfg):
+        return
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError:
+        return
+    new = cfg.model_dump(mode="json")
+    if isinstance(old, dict) and {**old, "output_dir": None} == {**new, "output_dir": None}:
+        atomic_write_text(saved, dump_config(cfg))
+
+
+def add_axes(out: Path, axes: dict[str, Any]) -> None:
+    """Put the run's axes into its result.json (atomically) if they are not there yet."""
+    path = out / "result.json"
+    result = json.loads(path.read_text(encoding="utf-8"))
+    if result.get("axes") != axes:
+        result["axes"] = axes
+        atomic_write_json(path, result)
+
+
 def execute(job: Job, threads: int | None = None) -> Done:
     """Run one planned run in this process (resuming it if it was interrupted)."""
-    from ..checkpoint import atomic_write_text
-    from ..errors import PostlabError
-    from .runner import add_axes, run_config_of, sync_output_dir
 
     if threads:
         import torch

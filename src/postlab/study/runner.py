@@ -12,16 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from ..checkpoint import atomic_write_json, atomic_write_text
-from ..config import RunConfig, dump_config, parse_run_config
+from ..config import RunConfig
 from ..errors import ConfigError, PostlabError
 from ..estimate import RunEstimate, human_n, human_s
 from ..hub import is_hub_id
 from ..validate import output_location
 from .file import Study
-from .executors import Job, in_process, local_workers, ray_tasks
+from .executors import Job, add_axes, in_process, local_workers, ray_tasks, run_config_of, run_dir
 from .grid import PlannedRun, plan
 
 log = logging.getLogger("postlab")
@@ -133,40 +132,8 @@ class StudyOutcome:
     report: Path | None = None
 
 
-def run_dir(study_dir: Path, rid: str) -> Path:
-    return study_dir / "runs" / rid
-
-
 def run_config(study_dir: Path, r: PlannedRun) -> RunConfig:
     return run_config_of(study_dir, r.run_id, r.tree)
-
-
-def run_config_of(study_dir: Path, rid: str, tree: dict) -> RunConfig:
-    return parse_run_config({**tree, "output_dir": str(run_dir(study_dir, rid))}, source=f"run {rid}")
-
-
-def sync_output_dir(out: Path, cfg: RunConfig) -> None:
-    """A study directory that moved (or was named another way) still resumes: when the saved config
-    differs from the new one only in output_dir, rewrite it."""
-    saved = out / "config.yaml"
-    if not saved.is_file() or saved.read_text() == dump_config(cfg):
-        return
-    try:
-        old = yaml.safe_load(saved.read_text())
-    except yaml.YAMLError:
-        return
-    new = cfg.model_dump(mode="json")
-    if isinstance(old, dict) and {**old, "output_dir": None} == {**new, "output_dir": None}:
-        atomic_write_text(saved, dump_config(cfg))
-
-
-def add_axes(out: Path, axes: dict[str, Any]) -> None:
-    """Put the run's axes into its result.json (atomically) if they are not there yet."""
-    path = out / "result.json"
-    result = json.loads(path.read_text(encoding="utf-8"))
-    if result.get("axes") != axes:
-        result["axes"] = axes
-        atomic_write_json(path, result)
 
 
 def _complete(out: Path) -> bool:
