@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_json, atomic_write_text
+from .checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .data import Pair, score_batch, tokenize
 from .logprobs import cached_token_logps, token_logps
 from .decoder import decoder_and_head
@@ -101,10 +101,10 @@ def plot_q_view(lm: LM, items: list, pol: list, ref: list, beta: float, path: Pa
             ax.axhline(0, color="grey", lw=0.5)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    from .plots import png_bytes
+
+    atomic_write_bytes(path, png_bytes(fig, dpi=110))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def format_summary(s: dict) -> str:

@@ -39,9 +39,9 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def png_bytes(fig: Figure) -> bytes:
+def png_bytes(fig, dpi: float | str = "figure") -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 

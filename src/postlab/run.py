@@ -21,7 +21,7 @@ import yaml
 from . import distributed as dist
 from . import faults
 from .cache import cached_evaluation, location, lock, tokenizer_fingerprint
-from .checkpoint import atomic_write_json, atomic_write_text, read_json, trainable_state
+from .checkpoint import atomic_write_json, atomic_write_text, read_json, replace_dir, trainable_state
 from .config import ModelConfig, RunConfig, StageConfig, dump_config, parse_run_config
 from .data import tokenize
 from .errors import ConfigError, DataError, PostlabError
@@ -279,8 +279,7 @@ def reuse_stage(cfg: RunConfig, i: int, sdir: Path, metrics: MetricsLog, needs_m
     for rec in records:
         metrics.write(rec)
     done = {**read_json(src / "done.json"), "reused_from": str(src)}
-    shutil.rmtree(sdir, ignore_errors=True)
-    tmp.rename(sdir)
+    replace_dir(tmp, sdir)
     atomic_write_json(sdir / "done.json", done)  # last: marks the stage complete
     log.info("stage %s: identical to %s (same model, seed and stages); reused instead of trained", stage.name, src)
     return done
