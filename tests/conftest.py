@@ -18,7 +18,9 @@ import postlab.models  # noqa: E402
 from postlab.models import embedded_tokenizer_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+# The data sits next to the repository (../shared/data); a clone elsewhere points at it with
+# POSTLAB_DATA (the variable postlab itself reads), or the tests that read it are skipped, saying so.
+DATA = Path(os.environ.get("POSTLAB_DATA", REPO.parent / "shared" / "data"))
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +70,7 @@ def tiny_gpt2(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
+        pytest.skip(f"shared data not found at {DATA} (set POSTLAB_DATA to its folder)")
     return DATA
 
 
