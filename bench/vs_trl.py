@@ -6,6 +6,7 @@ medians and writes bench/results/vs_trl.json.
 
     .venv/bin/python bench/vs_trl.py                       # all four cases, 3 repeats
     .venv/bin/python bench/vs_trl.py --cases sft-paraphrase --n 64 --repeats 3
+    .venv/bin/python bench/vs_trl.py --isa avx2 ...                   # both tools as on an AVX2-only CPU
 
 Equal work: one epoch over the same examples; AdamW (lr, betas, eps, no weight decay), linear decay
 without warmup, gradient clipping at 1.0; fp32 unless --precision bf16; TRL without gradient
@@ -135,6 +136,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="bench/results/vs_trl.json")
+    ap.add_argument("--isa", choices=["avx2"], help="run both tools as on an AVX2-only CPU (see workers.ISA_LIMITS)")
     ap.add_argument("--worker", choices=["trl", "postlab"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     cases = a.cases.split(",")
@@ -142,12 +144,17 @@ def main() -> None:
         case = cases[0]
         n, b = a.n or CASES[case][2], a.batch or CASES[case][3]
         fn = trl_worker if a.worker == "trl" else postlab_worker
-        print(json.dumps(fn(case, n, b, a.precision, a.data)))
+        import torch
+
+        print(json.dumps({**fn(case, n, b, a.precision, a.data), "cpu_capability": torch.backends.cpu.get_cpu_capability()}))
         return
 
     import torch
 
     from postlab.run import cpu_name
+    from workers import limit_isa
+
+    isa_env = limit_isa(a.isa)
 
     results = {}
     for case in cases:
@@ -178,7 +185,8 @@ def main() -> None:
         results[case] = row
     meta = {"machine": cpu_name(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": a.precision,
-            "repeats": a.repeats, "command": " ".join(["python"] + sys.argv)}
+            "repeats": a.repeats, "command": " ".join(["python"] + sys.argv), "isa_limits": isa_env,
+            "cpu_capability": sorted({x["cpu_capability"] for row in results.values() for rs in row["runs"].values() for x in rs})}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"\n{'case':16s} {'n':>4s} {'TRL ex/s':>9s} {'ours ex/s':>9s} {'ours/TRL':>8s} {'w/o save':>8s} "

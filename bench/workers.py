@@ -8,6 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Limits that make an AVX-512 CPU run the code paths of an AVX2-only one (ATen's kernels, oneDNN's
+# bf16/fp32 matmuls, MKL's sgemm): a stand-in for an AVX2 machine when none is at hand. The clock,
+# caches and memory stay this machine's, so compare ratios measured in the same run, not seconds.
+ISA_LIMITS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+
+
+def limit_isa(isa: str | None) -> dict:
+    """Set the environment (inherited by every worker) that limits the instruction set; returns it."""
+    env = ISA_LIMITS[isa] if isa else {}
+    os.environ.update(env)
+    return env
+
 
 def run_worker(script: str, args: list[str], label: str) -> dict:
     cmd = [sys.executable, script, *args]

@@ -151,7 +151,7 @@ def test_score_at_matches_full_log_softmax(tiny_llama, precision):
     batch = score_batch(items, lm.tokenizer.pad_token_id)
     logps, mask, values, index = score_topk(lm, batch, 5)
     with torch.no_grad(), lm.autocast():
-        logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask()).logits.float()
     full = torch.log_softmax(logits, -1)
     atol = tolerance(precision, scale=float(logits.abs().max()))
     for a in range(batch.n_answers):

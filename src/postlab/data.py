@@ -121,7 +121,6 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
 @dataclass
 class ScoreBatch:
     input_ids: torch.Tensor  # [rows, L]
-    attention_mask: torch.Tensor  # [rows, L]
     hidden_index: torch.Tensor  # [U] flat row*L+pos of hidden states fed to the head
     entry_hidden: torch.Tensor  # [M] index into hidden_index (sorted)
     entry_target: torch.Tensor  # [M] target token id
@@ -134,6 +133,10 @@ class ScoreBatch:
     # Entry index where each chunk of CHUNK_ROWS scored rows starts (and the end): computed on the host when
     # the batch is built, so scoring needs no device read and a compiled forward no Python call.
     chunk_starts: list[int] = field(default_factory=list)
+    # Rows that hold a prompt and several answers after it (see score_batch): each token's segment (0 the
+    # prompt, k + 1 answer k, -1 padding) and position; None when every row is one plain sequence.
+    segments: torch.Tensor | None = None  # [rows, L]
+    position_ids: torch.Tensor | None = None  # [rows, L]
 
     def chunk_bounds(self, chunk_rows: int) -> list[int]:
         if chunk_rows == CHUNK_ROWS and self.chunk_starts:
@@ -141,26 +144,34 @@ class ScoreBatch:
         hidden = self.entry_hidden.cpu().tolist()
         return _chunk_starts(hidden, self.hidden_index.shape[0], chunk_rows)
 
+    def attention_mask(self) -> torch.Tensor:
+        """The 4D boolean mask of the forward pass, built on the device: causal and, in shared rows, an
+        answer sees the prompt and itself, never another answer. Rows are right-padded, so a real token
+        never sees padding under the causal mask."""
+        L = self.input_ids.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=self.input_ids.device).tril_()[None, None]
+        if self.segments is None:
+            return causal
+        key, query = self.segments[:, None, None, :], self.segments[:, None, :, None]
+        return causal & ((key == 0) | (key == query))
+
     def to(self, device: torch.device) -> "ScoreBatch":
-        for name in ("input_ids", "attention_mask", "hidden_index", "entry_hidden", "entry_target",
-                     "entry_answer", "entry_slot"):
-            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+        for name in ("input_ids", "hidden_index", "entry_hidden", "entry_target", "entry_answer", "entry_slot",
+                     "segments", "position_ids"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device, non_blocking=True))
         return self
 
 
-def _pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_rows(rows: list[list[int]], pad: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def rows_per_item(items: list[Tokenized]) -> int:
-    """Sequences a score batch of these items holds per item: 1 when every answer is one token (they
-    share the prompt's row), else one per answer."""
+    """Sequences a score batch of these items holds per item, as a forward's row limit counts them: 1
+    when every answer is one token (they share the prompt's row), else one per answer (also when they
+    share a row: it holds fewer tokens than the answers' own rows would)."""
     n_comp = len(items[0].completions)
     return 1 if n_comp == 1 or all(len(c) == 1 for it in items for c in it.completions) else n_comp
 
@@ -179,29 +190,70 @@ def _chunk_starts(entry_hidden: list[int], rows: int, chunk_rows: int) -> list[i
     return [bisect.bisect_left(entry_hidden, s) for s in range(0, rows + chunk_rows, chunk_rows)]
 
 
-def score_batch(items: list[Tokenized], pad_id: int) -> ScoreBatch:
+# The cost of a row of L tokens, in units of one token's matmuls: each token also attends over up to L
+# others (~4*L*d FLOPs a layer against ~12*d^2 + MLP for the matmuls), which for d = 576 (SmolLM2-135M)
+# to 768 (GPT-2) equals the matmuls near L = 3000. Only used to choose between two layouts.
+_ATTENTION_CROSSOVER = 3000
+
+
+def _cost(rows: list[list[int]]) -> float:
+    L = max(len(r) for r in rows)
+    return len(rows) * L * (1 + L / _ATTENTION_CROSSOVER)
+
+
+def _shared_rows(items: list[Tokenized]) -> list[list[int]]:
+    """One row per item: the prompt, then each answer but its last token (a last token predicts nothing
+    scored, so a one-token answer adds nothing: its row is the prompt alone)."""
+    return [it.prompt + [t for c in it.completions for t in c[:-1]] for it in items]
+
+
+def score_batch(items: list[Tokenized], pad_id: int, share_prompt: bool | None = None) -> ScoreBatch:
     """Answers are ordered completion-major: for pairs, answers [0, B) are chosen and [B, 2B) rejected.
 
-    When every item's completions are single tokens (e.g. " yes"/" no"), all of an item's answers are
-    read from one row: one forward pass and one row of logits serve both answers.
+    An item's answers share one row when that is cheaper (`share_prompt` None), or when told: the prompt
+    runs once and each answer follows it, seeing the prompt and itself only (attention_mask()), at the
+    positions it would have alone, so its log-probs are those of its own sequence. One-token answers
+    (" yes"/" no") always share: their row is the prompt and one row of logits serves both. Otherwise
+    each answer has a row of its own (prompt + answer).
     """
     n_comp = len(items[0].completions)
     B = len(items)
-    shared = n_comp > 1 and rows_per_item(items) == 1
-    rows: list[list[int]] = []
+    separate = [it.prompt + it.completions[k] for k in range(n_comp) for it in items]
+    if n_comp == 1:
+        shared = False
+    elif rows_per_item(items) == 1:
+        shared = True
+    elif share_prompt is None:
+        shared = _cost(_shared_rows(items)) < _cost(separate)
+    else:
+        shared = share_prompt
+    rows = _shared_rows(items) if shared else separate
+    ids = _pad_rows(rows, pad_id)
+    L = ids.shape[1]
     hidden: list[int] = []
     entries: list[tuple[int, int, int, int]] = []  # (hidden idx, target, answer, slot)
+    segments = positions = None
     if shared:
-        rows = [it.prompt for it in items]
-    else:
-        rows = [it.prompt + it.completions[k] for k in range(n_comp) for it in items]
-    ids, mask = _pad_rows(rows, pad_id)
-    L = ids.shape[1]
-    if shared:
+        segments = torch.full((B, L), -1, dtype=torch.long)
+        positions = torch.zeros((B, L), dtype=torch.long)
         for b, it in enumerate(items):
-            hidden.append(b * L + len(it.prompt) - 1)
+            P = len(it.prompt)
+            segments[b, :P] = 0
+            positions[b, :P] = torch.arange(P)
+            hidden.append(b * L + P - 1)  # the prompt's last position predicts every answer's first token
+            first = len(hidden) - 1
+            entries += [(first, comp[0], k * B + b, 0) for k, comp in enumerate(it.completions)]
+            at = P
             for k, comp in enumerate(it.completions):
-                entries.append((len(hidden) - 1, comp[0], k * B + b, 0))
+                n = len(comp) - 1
+                segments[b, at:at + n] = k + 1
+                positions[b, at:at + n] = torch.arange(P, P + n)
+                for s in range(1, len(comp)):
+                    hidden.append(b * L + at + s - 1)
+                    entries.append((len(hidden) - 1, comp[s], k * B + b, s))
+                at += n
+        if rows_per_item(items) == 1:
+            segments = positions = None  # prompt-only rows: plain causal sequences
     else:
         for k in range(n_comp):
             for b, it in enumerate(items):
@@ -212,7 +264,8 @@ def score_batch(items: list[Tokenized], pad_id: int) -> ScoreBatch:
                     entries.append((len(hidden) - 1, tok, r, s))
     e = torch.tensor(entries, dtype=torch.long)
     n_slots = max(len(c) for it in items for c in it.completions)
-    return ScoreBatch(ids, mask, torch.tensor(hidden, dtype=torch.long), e[:, 0], e[:, 1], e[:, 2], e[:, 3],
+    return ScoreBatch(ids, torch.tensor(hidden, dtype=torch.long), e[:, 0], e[:, 1], e[:, 2], e[:, 3],
                       n_answers=n_comp * B, n_slots=n_slots, n_tokens=sum(len(r) for r in rows),
                       ids=[it.id for it in items],
-                      chunk_starts=_chunk_starts([x[0] for x in entries], len(hidden), CHUNK_ROWS))
+                      chunk_starts=_chunk_starts([x[0] for x in entries], len(hidden), CHUNK_ROWS),
+                      segments=segments, position_ids=positions)

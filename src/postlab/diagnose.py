@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .data import Pair, score_batch, tokenize
-from .logprobs import cached_token_logps, token_logps
+from .logprobs import cached_token_logps, decoder_hidden, token_logps
 from .decoder import decoder_and_head
 from .models import LM
 from .objectives import implicit_reward
@@ -37,7 +37,7 @@ def position_kl(policy: LM, reference: LM, items: list, batch_size: int) -> tupl
         for m in (policy, reference):
             body, head = decoder_and_head(m.model)
             with m.autocast():
-                h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+                h = decoder_hidden(body, batch)
             h = h.reshape(-1, h.shape[-1]).index_select(0, batch.hidden_index[rows])
             logps.append(torch.cat([torch.log_softmax(head(h[c:c + 256]).float(), -1) for c in range(0, len(h), 256)]))
         p, q = logps

@@ -55,18 +55,20 @@ def _layout(batch: ScoreBatch, vals: torch.Tensor) -> torch.Tensor:
     return out.index_put((batch.entry_answer, batch.entry_slot), vals)
 
 
+def decoder_hidden(body: torch.nn.Module, batch: ScoreBatch) -> torch.Tensor:
+    """The decoder's last hidden states [rows, L, d] for a score batch. The mask is given ready-made
+    (4D), because from a 2D padding mask, or none, transformers reads a tensor back to the host to
+    decide how to build it: a sync per forward. No KV cache: nothing here generates."""
+    return body(input_ids=batch.input_ids, attention_mask=batch.attention_mask(), position_ids=batch.position_ids,
+                use_cache=False).last_hidden_state
+
+
 def _score_chunks(lm: LM, batch: ScoreBatch, chunk_rows: int, fn, extra=None, **kw) -> list:
     """Run the decoder once, then `fn` over chunks of scored rows; `extra` ([M, ...], per entry) is
     sliced along with the entries. Returns the per-output concatenations."""
     body, head = decoder_and_head(lm.model)
     with lm.autocast():
-        # Rows are right-padded, so under the causal mask a real token never sees padding: the causal
-        # mask alone is right. It is given ready-made (4D), because from a 2D padding mask, or none,
-        # transformers reads a tensor back to the host to decide how to build it: a sync per forward.
-        # No KV cache: nothing here generates.
-        L = batch.input_ids.shape[1]
-        causal = torch.ones(L, L, dtype=torch.bool, device=batch.input_ids.device).tril_()[None, None]
-        hidden = body(input_ids=batch.input_ids, attention_mask=causal, use_cache=False).last_hidden_state
+        hidden = decoder_hidden(body, batch)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.hidden_index)
         pieces = []
         U = h.shape[0]
