@@ -59,7 +59,8 @@ def main() -> None:
 
     sha = rev(a.commit)
     head = rev(a.now) if a.now else rev("HEAD") + (" + uncommitted changes" if subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT).stdout.strip() else "")
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "bench"], capture_output=True, text=True,
+        cwd=ROOT).stdout.strip() else "")
     results = {}
     with tempfile.TemporaryDirectory() as d:
         past, now = Path(d) / "past", (Path(d) / "now" if a.now else ROOT)

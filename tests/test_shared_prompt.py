@@ -86,3 +86,18 @@ def test_the_layout_follows_the_cost(tiny_llama):
     one_token = layout("word " * 10, " yes", " no")
     assert one_token.segments is None and one_token.input_ids.shape[0] == 2
     assert one_token.input_ids.shape[1] == len(tok("word " * 10, add_special_tokens=False).input_ids)
+
+
+def test_estimates_count_the_tokens_of_the_layout_batches_use(tiny_llama):
+    """`postlab study plan` sizes a preference stage by data.forward_tokens, which must pick the layout
+    score_batch picks and count its tokens."""
+    from postlab.data import forward_tokens
+
+    lm = load_lm(str(tiny_llama), device="cpu", precision="fp32")
+    for prompt, answer in (("word " * 60, " yes sir"), ("Go", " one" * 200), ("Say hi:", " hello there friend")):
+        items, _ = tokenize([Pair(prompt, answer, answer, "x")], lm.tokenizer, 512, append_eos=False)
+        batch = score_batch(items, lm.tokenizer.pad_token_id)
+        P, C = len(items[0].prompt), len(items[0].completions[0])
+        assert forward_tokens(P, [C, C]) == batch.n_tokens
+    assert forward_tokens(40, [130, 130]) == 40 + 2 * 129  # sonnet-like: sharing is cheaper
+    assert forward_tokens(1, [400, 400]) == 2 * 401  # no prompt to share: separate rows

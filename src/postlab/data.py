@@ -196,9 +196,22 @@ def _chunk_starts(entry_hidden: list[int], rows: int, chunk_rows: int) -> list[i
 _ATTENTION_CROSSOVER = 3000
 
 
+def _row_cost(rows: int, length: float) -> float:
+    return rows * length * (1 + length / _ATTENTION_CROSSOVER)
+
+
 def _cost(rows: list[list[int]]) -> float:
-    L = max(len(r) for r in rows)
-    return len(rows) * L * (1 + L / _ATTENTION_CROSSOVER)
+    return _row_cost(len(rows), max(len(r) for r in rows))
+
+
+def forward_tokens(prompt: float, completions: list[float]) -> float:
+    """Tokens one item puts through the decoder in the layout score_batch picks for an item of these
+    (mean) lengths: for estimates, before any batch exists."""
+    separate = [prompt + c for c in completions]
+    if len(completions) == 1:
+        return separate[0]
+    shared = prompt + sum(c - 1 for c in completions)
+    return shared if _row_cost(1, shared) < _row_cost(len(completions), max(separate)) else sum(separate)
 
 
 def _shared_rows(items: list[Tokenized]) -> list[list[int]]:

@@ -199,6 +199,7 @@ def measure_throughput(m: ModelConfig, seq_len: int = 128, batch_size: int = 8, 
 
 def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEstimate], dict]:
     """Per-run estimates and notes on how they were made (see the module doc)."""
+    from .data import forward_tokens
     from .objectives import get_objective
     from .tasks import get_task, training_task
 
@@ -268,7 +269,7 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
                     gen_steps += (math.ceil(train.n / s.task.pairs.generation.batch_size) * draws(s.task.pairs)
                                   * s.task.pairs.generation.max_new_tokens)
                 per_example = (train.prompt_tokens + 1 if train.single_token
-                               else 2 * train.prompt_tokens + 2 * completion)
+                               else forward_tokens(train.prompt_tokens, [completion, completion]))
             batch = s.optim.batch_size * s.optim.grad_accum
             steps_per_epoch = math.ceil(n / batch) if n else 0
             steps = steps_per_epoch * s.epochs
