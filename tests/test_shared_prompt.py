@@ -101,3 +101,26 @@ def test_estimates_count_the_tokens_of_the_layout_batches_use(tiny_llama):
         assert forward_tokens(P, [C, C]) == batch.n_tokens
     assert forward_tokens(40, [130, 130]) == 40 + 2 * 129  # sonnet-like: sharing is cheaper
     assert forward_tokens(1, [400, 400]) == 2 * 401  # no prompt to share: separate rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["paraphrase", "sonnets"])
+def test_the_embedded_model_scores_a_shared_prompt_as_separate_rows(task, data_dir):
+    """The real model (SmolLM2-135M), fp32, CPU, 8 pairs of each task's benchmark data: per-sequence
+    log-probs (sonnets: ~570 nats) agree to 1e-6 relative between the two layouts."""
+    from postlab.config import TaskConfig
+    from postlab.tasks import get_task
+
+    lm = load_lm("smollm2-135m", precision="fp32")
+    if task == "paraphrase":
+        t = get_task(TaskConfig(name="paraphrase", train=str(data_dir / "quora" / "quora-train.tsv"), train_limit=8))
+        pairs = t.preference_pairs("train")[:8]
+    else:
+        ex = get_task(TaskConfig(name="sonnets", train=str(data_dir / "sonnets" / "sonnets.txt"))).train_examples()[:9]
+        pairs = [Pair(e.prompt, e.completion, ex[i + 1].completion, e.id) for i, e in enumerate(ex[:8])]
+    items, _ = tokenize(pairs, lm.tokenizer, lm.max_length, append_eos=True)
+    with torch.no_grad():
+        a, mask = score(lm, score_batch(items, lm.tokenizer.pad_token_id, share_prompt=True))
+        b, _ = score(lm, score_batch(items, lm.tokenizer.pad_token_id, share_prompt=False))
+    seq_a, seq_b = (a * mask).sum(-1), (b * mask).sum(-1)
+    assert torch.allclose(seq_a, seq_b, rtol=1e-6, atol=1e-4), (seq_a - seq_b).abs().max()
