@@ -21,20 +21,16 @@ import tempfile
 from pathlib import Path
 
 from vs_trl import CASES
-from workers import limit_isa
+from workers import limit_isa, run_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_tree(tree: Path, case: str, n: int, batch: int, precision: str, data: str) -> dict:
     """One postlab run of `case` by the code in `tree` (its bench/vs_trl.py worker, its src/)."""
-    env = {**os.environ, "PYTHONPATH": f"{tree / 'src'}{os.pathsep}{tree / 'bench'}", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, str(tree / "bench" / "vs_trl.py"), "--worker", "postlab", "--cases", case, "--n", str(n),
-           "--batch", str(batch), "--precision", precision, "--data", data]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
-    if p.returncode != 0:
-        raise SystemExit(f"{tree} {case} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    args = ["--worker", "postlab", "--cases", case, "--n", str(n), "--batch", str(batch), "--precision", precision,
+            "--data", data]
+    return run_worker(tree / "bench" / "vs_trl.py", args, f"{tree} {case}", path=[tree / "src", tree / "bench"], cwd=tree)
 
 
 def main() -> None:
