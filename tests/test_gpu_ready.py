@@ -149,7 +149,7 @@ def test_the_head_runs_in_fp32_under_bf16_autocast(tiny_llama):
     """Scored log-probs under bf16 autocast are the fp32 log-softmax of fp32 logits of the (autocast)
     hidden states: bf16 logits would be off by up to half a bf16 unit of |logit| each."""
     from postlab.data import Example, score_batch
-    from postlab.decoder import decoder_and_head
+    from postlab.decoder import attention_kernel, decoder_and_head
     from postlab.logprobs import score
 
     lm = load_lm(str(tiny_llama), device="cpu", precision="bf16")
@@ -162,7 +162,7 @@ def test_the_head_runs_in_fp32_under_bf16_autocast(tiny_llama):
     with torch.no_grad():
         logps, mask = score(lm, batch)
         L = batch.input_ids.shape[1]
-        with lm.autocast():
+        with lm.autocast(), attention_kernel(body, batch.input_ids):  # the same kernel as score's
             causal = torch.ones(L, L, dtype=torch.bool).tril_()[None, None]
             hidden = body(input_ids=batch.input_ids, attention_mask=causal, use_cache=False).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1]).float()

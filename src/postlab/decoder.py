@@ -10,6 +10,11 @@ from .errors import ModelError
 
 HIDDEN_METHOD = "postlab_hidden_states"  # set on a model sharded by FSDP: see fsdp.py
 
+# PyTorch's CPU flash-attention kernel splits queries into blocks of 32 below 192 tokens; there, in
+# bf16, its forward plus backward costs 1.4-2.5x the math kernel's (bench/attention_kernel.py). From
+# 192 tokens on, and in fp32, flash stays.
+MATH_ATTENTION_BELOW = 192
+
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The transformer body (returns hidden states) and the LM head, through any PEFT wrapper, so the
@@ -22,6 +27,23 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     if head is None or body is inner:
         raise ModelError(f"{type(inner).__name__} is not a causal LM with a separate output head")
     return body, head
+
+
+def attention_kernel(body, input_ids: torch.Tensor):
+    """The SDPA kernel for a forward of `body` over `input_ids` ([rows, L]): the math kernel in bf16 on
+    the CPU for rows shorter than MATH_ATTENTION_BELOW, else PyTorch's own choice. Forward-only passes
+    choose alike although flash's forward alone is the faster: the reference pass then computes a DPO
+    stage's first policy log-probs bit for bit (the two kernels differ by bf16 rounding), so the first
+    loss is log 2. The math kernel keeps each layer's attention weights (fp32) for the backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if input_ids.device.type != "cpu" or input_ids.shape[1] >= MATH_ATTENTION_BELOW or hasattr(body, "_orig_mod"):
+        # (a torch.compile-d body: inductor chooses)
+        return contextlib.nullcontext()
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if not (autocast_bf16 or getattr(body, "dtype", None) == torch.bfloat16):
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 @contextlib.contextmanager
