@@ -37,8 +37,8 @@ def attention_kernel(body, input_ids: torch.Tensor):
     loss is log 2. The math kernel keeps each layer's attention weights (fp32) for the backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if input_ids.device.type != "cpu" or input_ids.shape[1] >= MATH_ATTENTION_BELOW or hasattr(body, "_orig_mod"):
-        # (a torch.compile-d body: inductor chooses)
+    compiled = hasattr(body, "_orig_mod")  # torch.compile-d: inductor chooses its own attention
+    if input_ids.device.type != "cpu" or input_ids.shape[1] >= MATH_ATTENTION_BELOW or compiled:
         return contextlib.nullcontext()
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     if not (autocast_bf16 or getattr(body, "dtype", None) == torch.bfloat16):
