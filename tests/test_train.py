@@ -185,3 +185,44 @@ def test_max_steps_zero_evaluates_the_starting_model_only(tiny_llama, tmp_path):
     assert (tmp_path / "run" / "0-sft" / "eval" / "per_example.jsonl").is_file()  # the stage's result, not a start
     assert torch.equal(load_file(str(tmp_path / "run" / "0-sft" / "model" / "model.safetensors"))["model.norm.weight"],
                        load_file(str(tiny_llama / "model.safetensors"))["model.norm.weight"])
+
+
+def test_a_finished_stage_keeps_no_optimizer_state(tiny_llama, tmp_path, monkeypatch):
+    """fp32, CPU. The end-of-epoch checkpoint mid-stage keeps the optimizer state (a resume needs it);
+    the one written as the stage ends does not. A run stopped after it (before done.json) resumes to the
+    same weights without a step; if the stage then has steps left (its data grew), it says so."""
+    import postlab.train as train_mod
+    from postlab.errors import TrainingError
+
+    data = write_pairs(tmp_path / "pairs.tsv", 8)
+    cfg = parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=2))
+    kept = []
+    real_save = train_mod.save_checkpoint
+
+    def recording_save(path, weights, optimizer_state, scheduler, state):
+        kept.append((state["epoch"], optimizer_state is not None))
+        real_save(path, weights, optimizer_state, scheduler, state)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", recording_save)
+    run(cfg)
+    assert kept == [(1, True), (2, False)]
+    ckpt = tmp_path / "run" / "0-sft" / "checkpoint"
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["optimizer"] is None
+    before = final_weights(tmp_path / "run")
+
+    (tmp_path / "run" / "0-sft" / "done.json").unlink()
+    (tmp_path / "run" / "result.json").unlink()
+
+    def no_step(self, *a, **k):
+        raise AssertionError("a finished stage trained again")
+
+    monkeypatch.setattr(train_mod.torch.optim.AdamW, "step", no_step)
+    run(cfg, resume=True)
+    after = final_weights(tmp_path / "run")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    (tmp_path / "run" / "0-sft" / "done.json").unlink()
+    (tmp_path / "run" / "result.json").unlink()
+    write_pairs(data, 16)  # twice the steps now
+    with pytest.raises(TrainingError, match="finished stage .*steps left"):
+        run(cfg, resume=True)

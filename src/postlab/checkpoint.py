@@ -78,8 +78,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler, state: dict) -> None:
-    """Trainable weights, optimizer, scheduler and RNG state, plus `state` (progress counters)."""
+def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer_state: dict | None, scheduler,
+                    state: dict) -> None:
+    """Trainable weights, optimizer (None: not kept), scheduler and RNG state, plus `state` (progress counters)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while writing
         shutil.rmtree(stale, ignore_errors=True)

@@ -183,11 +183,11 @@ class Replicated:
         """On the main process, `lm.model` holds all the weights inside the block (for evaluation)."""
         yield
 
-    def checkpoint_state(self, model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
-        """(trainable weights, optimizer state) for the main process to write."""
+    def checkpoint_state(self, model: torch.nn.Module, optimizer) -> tuple[dict, dict | None]:
+        """(trainable weights, optimizer state or None without an optimizer) for the main process to write."""
         from .checkpoint import trainable_state
 
-        return trainable_state(model), optimizer.state_dict()
+        return trainable_state(model), None if optimizer is None else optimizer.state_dict()
 
     def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict) -> None:
         if any(isinstance(k, str) for k in state.get("state", {})):

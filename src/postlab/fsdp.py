@@ -121,12 +121,12 @@ class FullyShard:
                 _release(self.plain)
                 lm.model = self.sharded
 
-    def checkpoint_state(self, model, optimizer) -> tuple[dict, dict]:
+    def checkpoint_state(self, model, optimizer) -> tuple[dict, dict | None]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         weights = get_model_state_dict(model, options=_options(cpu_offload=True))
-        optim = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+        optim = None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
         return {n: t.contiguous() for n, t in weights.items() if n in trainable}, optim
 
     def load_optimizer_state(self, model, optimizer, state: dict) -> None:

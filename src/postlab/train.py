@@ -168,7 +168,7 @@ def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog, evaluate: Callable
     model = par.prepare(lm)  # lm.model, or (fsdp) its sharded copy
     opt, sched = make_optimizer(model, cfg, total, fused=par.fused_optimizer())
     if saved is not None:
-        _restore_optimizer(par, model, opt, sched, saved, plan.checkpoint)
+        _restore_optimizer(par, model, opt, sched, saved, plan.checkpoint, at.step < total)
     t_start = time.perf_counter() - at.wall_s
     if at.step == 0 and (cfg.eval_at_start or total == 0):  # max_steps: 0 evaluates only
         _evaluate(lm, par, at, evaluate, metrics, cfg.name, 0.0)
@@ -239,7 +239,7 @@ def _train_epochs(lm, plan, par, model, opt, sched, schedule, at, pending, evalu
         at.epoch, at.group = at.epoch + 1, 0
         pending.flush()
         _evaluate(lm, par, at, evaluate, metrics, cfg.name, float(at.epoch))
-        _save(plan, par, model, opt, sched, at, t_start, group=0)
+        _save(plan, par, model, opt, sched, at, t_start, group=0, finished=at.step >= total or at.epoch >= cfg.epochs)
 
 
 class _Pending:
@@ -308,8 +308,14 @@ def _resume(lm: LM, plan: StagePlan, metrics: MetricsLog, total: int) -> tuple[P
     return at, (optim_state, sched_state)
 
 
-def _restore_optimizer(par, model, opt, sched, saved: tuple, ckpt: Path) -> None:
+def _restore_optimizer(par, model, opt, sched, saved: tuple, ckpt: Path, steps_left: bool) -> None:
     optim_state, sched_state = saved
+    if optim_state is None:  # a finished stage's checkpoint: nothing left to train, no optimizer kept
+        if steps_left:
+            raise TrainingError(f"{existing_dir(ckpt)}: the checkpoint of a finished stage (no optimizer state), "
+                                f"but the stage now has steps left (did its data change?); delete the checkpoint "
+                                f"to train the stage again")
+        return
     try:
         par.load_optimizer_state(model, opt, optim_state)
     except TrainingError as e:
@@ -374,9 +380,12 @@ def _evaluate(lm: LM, par, at: Progress, evaluate, metrics: MetricsLog, stage: s
                                "eval_s": round(time.perf_counter() - t, 2), **at.last_eval})
 
 
-def _save(plan: StagePlan, par, model, opt, sched, at: Progress, t_start: float, group: int) -> None:
-    """Checkpoint the weights, optimizer and scheduler and where the stage is (main process writes)."""
-    weights, optim_state = par.checkpoint_state(model, opt)  # gathered to the main process
+def _save(plan: StagePlan, par, model, opt, sched, at: Progress, t_start: float, group: int,
+          finished: bool = False) -> None:
+    """Checkpoint the weights, optimizer and scheduler and where the stage is (main process writes).
+    A `finished` stage's checkpoint keeps no optimizer state: a run resumes only with the same
+    config, so nothing will train from it again (for AdamW in fp32 that is twice the weights' size)."""
+    weights, optim_state = par.checkpoint_state(model, None if finished else opt)  # gathered to the main process
     with dist.main_only(f"stage {plan.cfg.name}: the checkpoint at step {at.step}"):
         if dist.is_main():
             save_checkpoint(plan.checkpoint, weights, optim_state, sched,
