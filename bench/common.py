@@ -44,7 +44,7 @@ def case_data(task: str, kind: str, n: int, data: str) -> list[Example] | list[P
 def postlab_stage(lm, objective: str, raw, batch: int, lr: float, append_eos: bool, beta: float = 0.1,
                   group_by_length: bool = True, parameterization: dict | None = None, optim: dict | None = None) -> dict:
     """Tokenize, compute reference log-probs when the objective needs them (fresh cache: always
-    computed), and train one epoch. Returns seconds, tokens and the per-step losses."""
+    computed), and train one epoch. Returns seconds, tokens, the per-step losses and train records."""
     spec = get_objective(objective)
     obj = {"name": objective, "beta": beta} if spec.kind == "preference" else {"name": objective}
     cfg = StageConfig(name=objective, task={"name": "file"}, objective=obj, optim={"lr": lr, "batch_size": batch, **(optim or {})},
@@ -60,10 +60,11 @@ def postlab_stage(lm, objective: str, raw, batch: int, lr: float, append_eos: bo
         out = train_stage(lm, StagePlan(cfg, spec, args, items, Path(d), 0, StageInputs(reference=ref)),
                           MetricsLog(Path(d) / "m.jsonl"), lambda step: {})
         seconds = time.perf_counter() - t0
-        losses = [r["loss"] for r in map(json.loads, (Path(d) / "m.jsonl").read_text().splitlines())
-                  if r.get("split") == "train" and "loss" in r]
+        train = [r for r in map(json.loads, (Path(d) / "m.jsonl").read_text().splitlines())
+                 if r.get("split") == "train" and "loss" in r]
     data_tokens = sum(len(it.prompt) + sum(len(c) for c in it.completions) for it in items)
-    return {"seconds": seconds, "reference_s": t_ref, "tokens": data_tokens, "losses": losses,
+    return {"seconds": seconds, "reference_s": t_ref, "tokens": data_tokens, "losses": [r["loss"] for r in train],
+            "train_records": train,
             "examples": len(items), "steps": out["steps"]}
 
 

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 # Fields of metrics.jsonl, done.json and result.json that measure time or memory, not results
-VOLATILE = {"tokens_per_s", "eval_s", "wall_s", "train_s", "prepare_s", "peak_mem_mb", "time", "reused_from"}
+VOLATILE = {"tokens_per_s", "step_s", "eval_s", "wall_s", "train_s", "prepare_s", "peak_mem_mb", "time", "reused_from"}
 
 def write_pairs(path: Path, n: int = 24) -> Path:
     lines = ["id\tsentence1\tsentence2\tis_duplicate"]

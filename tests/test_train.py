@@ -226,3 +226,30 @@ def test_a_finished_stage_keeps_no_optimizer_state(tiny_llama, tmp_path, monkeyp
     write_pairs(data, 16)  # twice the steps now
     with pytest.raises(TrainingError, match="finished stage .*steps left"):
         run(cfg, resume=True)
+
+
+def test_train_records_say_tokens_seen_and_seconds_per_step(tiny_llama, tmp_path, monkeypatch):
+    """fp32, CPU. Each train record (every log_every steps) carries the tokens trained on so far and the
+    mean wall time of the steps since the last record; a step made 0.05 s slower shows in step_s."""
+    import time
+
+    import postlab.train as train_mod
+
+    data = write_pairs(tmp_path / "pairs.tsv", 24)  # 6 steps a epoch at batch 4
+    real_step = train_mod._optimizer_step
+
+    def slow_step(*a, **k):
+        time.sleep(0.05)
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_mod, "_optimizer_step", slow_step)
+    run(parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=1, log_every=2)))
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    lm = load_lm(str(tiny_llama), device="cpu", precision="fp32")
+    task = get_task(TaskConfig(name="paraphrase", train=str(data), dev=str(data)))
+    items, _ = tokenize(task.train_examples(), lm.tokenizer, lm.max_length, append_eos=task.append_eos)
+    assert train[-1]["tokens_seen"] == sum(len(it.prompt) + len(it.completions[0]) for it in items)
+    assert 0 < train[0]["tokens_seen"] < train[1]["tokens_seen"] < train[2]["tokens_seen"]
+    assert all(r["step_s"] >= 0.05 for r in train)

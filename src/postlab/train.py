@@ -251,7 +251,7 @@ class _Pending:
         self.plan, self.at, self.metrics, self.bar = plan, at, metrics, bar
         self.steps: list[tuple[int, float, dict, torch.Tensor, float]] = []
         self.grad_norm_ema: float | None = None
-        self.window_tokens, self.window_t = 0, time.perf_counter()
+        self.window_tokens, self.window_steps, self.window_t = 0, 0, time.perf_counter()
 
     def add(self, step: int, epoch: float, values: dict[str, torch.Tensor], grad_norm: torch.Tensor, lr: float) -> None:
         self.steps.append((step, epoch, values, grad_norm, lr))
@@ -274,6 +274,7 @@ class _Pending:
             tokens = int(round(rec["tokens"]))
             self.at.tokens += tokens
             self.window_tokens += tokens
+            self.window_steps += 1
             if self.grad_norm_ema is not None and gn > 10 * self.grad_norm_ema:
                 log.warning("stage %s step %d: gradient norm spike %.3g (running mean %.3g)", name, step, gn,
                              self.grad_norm_ema)
@@ -286,9 +287,11 @@ class _Pending:
             step, epoch, _, _, lr = self.steps[-1]
             objective = {k: v for k, v in rec.items() if k not in ("loss", "tokens")}
             self.metrics.write({"stage": name, "split": "train", "step": step, "epoch": round(epoch, 4),
-                                "loss": rec["loss"], "lr": lr, "grad_norm": gn, "tokens_per_s": round(tps, 1), **objective})
+                                "loss": rec["loss"], "lr": lr, "grad_norm": gn, "tokens_per_s": round(tps, 1),
+                                "step_s": round(dt / max(self.window_steps, 1), 4), "tokens_seen": self.at.tokens,
+                                **objective})
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:.0f}")
-            self.window_tokens, self.window_t = 0, time.perf_counter()
+            self.window_tokens, self.window_steps, self.window_t = 0, 0, time.perf_counter()
         self.steps.clear()
 
 
