@@ -177,6 +177,36 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
+def _file_mapped_ranges() -> list[tuple[int, int]]:
+    """Address ranges this process maps from files (Linux's /proc/self/maps); none where it cannot tell."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            lo, hi = parts[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def own_trainable_weights(model: torch.nn.Module) -> int:
+    """Copy each trainable CPU weight that lives in a file mapping (transformers maps safetensors files,
+    copy-on-write) into memory of its own; returns how many. Otherwise the first optimizer step, or a
+    checkpoint's load, copies them one 4 KB page fault at a time: 1.2 s against 0.18 s for one bulk
+    copy of the 135M model on a 2-core VM (bench/own_weights.py). Frozen weights stay mapped (shared)."""
+    ranges = _file_mapped_ranges()
+    owned = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.device.type == "cpu" and any(lo <= p.data_ptr() < hi for lo, hi in ranges):
+                p.data = p.data.clone()
+                owned += 1
+    return owned
+
+
 def load_lm(name: str, device: str = "auto", precision: str = "auto", trust_remote_code: bool = False,
             max_length: int | None = None) -> LM:
     """Load a causal LM for training or evaluation. A directory holding a PEFT adapter loads its base

@@ -24,7 +24,7 @@ from .decoder import compiled_body
 from .errors import TrainingError
 from .fsdp import strategy as parallel_strategy
 from .logprobs import score
-from .models import LM
+from .models import LM, own_trainable_weights
 from .objectives import ObjectiveArgs, ObjectiveSpec, PairLogps, TokenLogps
 from .runlog import MetricsLog
 
@@ -163,6 +163,7 @@ def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog, evaluate: Callable
     if cfg.optim.batch_size < dist.world_size():
         raise TrainingError(f"stage {cfg.name}: optim.batch_size={cfg.optim.batch_size} is smaller than the "
                             f"{dist.world_size()} processes sharing each micro-batch; raise it or launch fewer")
+    own_trainable_weights(lm.model)  # before a checkpoint's weights are copied in
     at, saved = _resume(lm, plan, metrics, total)
     par = parallel_strategy(plan.parallel)
     model = par.prepare(lm)  # lm.model, or (fsdp) its sharded copy
