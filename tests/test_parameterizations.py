@@ -119,3 +119,19 @@ def test_a_new_method_is_one_class_and_a_registration(norms_only, tiny_llama, tm
     after = load_file(str(tmp_path / "run" / "0-sft" / "model" / "model.safetensors"))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("norm" in k for k in changed)
+
+
+def test_the_weights_hash_keeps_its_value(tiny_llama):
+    """The cache keys of existing caches stay valid: sha256 over each function-state tensor's name and
+    raw bytes in name order (fp32 and a bf16 copy, CPU)."""
+    import hashlib
+
+    from postlab.cache import function_state
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_lm(str(tiny_llama), device="cpu", precision="fp32").model.to(dtype)
+        h = hashlib.sha256()
+        for name, t in sorted(function_state(model).items()):
+            h.update(name.encode())
+            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        assert weights_hash(model) == h.hexdigest()
