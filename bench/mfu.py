@@ -32,16 +32,21 @@ from postlab.models import load_lm
 from postlab.run import cpu_name
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n×n×n matmul in `dtype`, median of `repeats` timed calls after a warm-up."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """FLOP/s of an [m, k] @ [k, n] matmul in `dtype`, median of `repeats` timed calls after a warm-up."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times)
+    return 2 * m * k * n / statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n×n×n matmul in `dtype`: the peak the MFU figures divide by."""
+    return matmul_rate(n, n, n, dtype, repeats)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common import case_data
-from mfu import matmul_peak
+from mfu import matmul_peak, matmul_rate
 from postlab.data import score_batch, tokenize
 from postlab.decoder import decoder_and_head
 from postlab.logprobs import score
@@ -30,21 +30,11 @@ from postlab.models import load_lm
 from postlab.run import cpu_name
 
 
-def shape_rates(d: int, ff: int, rows: int, dtype: torch.dtype, repeats: int = 5) -> dict[str, float]:
-    """FLOP/s of the model's projection shapes (rows tokens) in `dtype`: forward and both backward forms."""
+def shape_rates(d: int, ff: int, rows: int, dtype: torch.dtype) -> dict[str, float]:
+    """FLOP/s of the model's projection shapes (rows tokens) in `dtype`: forward and a weight gradient."""
     shapes = {"x@W_up": (rows, d, ff), "x@W_down": (rows, ff, d), "x@W_attn": (rows, d, d),
               "W_grad": (ff, rows, d)}
-    out = {}
-    for name, (m, k, n) in shapes.items():
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        a @ b
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        out[name] = 2 * m * k * n / statistics.median(times)
-    return out
+    return {name: matmul_rate(*shape, dtype) for name, shape in shapes.items()}
 
 
 def main() -> None:
