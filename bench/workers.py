@@ -21,12 +21,13 @@ def limit_isa(isa: str | None) -> dict:
     return env
 
 
-def run_worker(script: str, args: list[str], label: str, path: list[Path] | None = None, cwd: Path | None = None) -> dict:
+def run_worker(script: str, args: list[str], label: str, path: list[Path] | None = None, cwd: Path | None = None,
+               env_extra: dict[str, str] | None = None) -> dict:
     """Run `script args` in a fresh interpreter with `path` (default: this bench folder) first on
-    PYTHONPATH, from `cwd`; return the JSON line it prints last."""
+    PYTHONPATH, from `cwd`, with `env_extra` added to the environment; return the JSON line it prints last."""
     cmd = [sys.executable, str(script), *args]
     pythonpath = os.pathsep.join(str(x) for x in (path or [Path(__file__).parent]))
-    env = {**os.environ, "PYTHONPATH": pythonpath, "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TQDM_DISABLE": "1", **(env_extra or {})}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     if p.returncode != 0:
         raise SystemExit(f"{label} failed:\n{p.stderr[-3000:]}")

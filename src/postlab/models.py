@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .allocator import keep_freed_memory
 from .cache import postlab_home
 from .errors import ModelError
 from .hub import is_hub_id
@@ -213,6 +214,9 @@ def load_lm(name: str, device: str = "auto", precision: str = "auto", trust_remo
     model with the adapter attached (trainable)."""
     from transformers import AutoModelForCausalLM
 
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # a CPU step then reuses its buffers instead of faulting them in again
     path = resolve_model_path(name)
     adapter_cfg = Path(path) / "adapter_config.json"
     try:
@@ -236,6 +240,5 @@ def load_lm(name: str, device: str = "auto", precision: str = "auto", trust_remo
         raise ModelError(f"cannot load model {name!r} ({path}): {str(e).splitlines()[0]} ({hint})") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    dev = resolve_device(device)
     model.to(dev)
     return LM(model, tokenizer, dev, resolve_precision(precision, dev), source, max_length)
