@@ -2,11 +2,15 @@
 against glibc's default (POSTLAB_KEEP_FREED_MEMORY=0).
 
     .venv/bin/python bench/allocator.py --repeats 5 --precision bf16
+    .venv/bin/python bench/allocator.py --sequence 10 --precision bf16 --out bench/results/allocator_sequence.json
 
 A 64-example paraphrase SFT or DPO stage at batch 16, as vs_trl.py's postlab worker runs it; each
 measurement a fresh process, the two settings alternating; medians. Reports the stage's seconds (for
 DPO with its reference pass), the reference pass alone, the steps after the first (from their train
-records), the process's page faults and system CPU time, and peak RSS.
+records), the process's page faults and system CPU time, and peak RSS. With `--sequence N`, instead:
+one process per setting loads the model afresh and trains N 32-example stages one after another
+(SFT and DPO alternating, as a `--workers 1` study runs its runs, each followed by the
+release_freed_memory that postlab.run calls), reporting resident and peak memory after each.
 Writes bench/results/allocator.json.
 """
 from __future__ import annotations
@@ -37,6 +41,27 @@ def stage(kind: str, precision: str, data: str) -> dict:
             "keeps_freed_memory": keep_freed_memory()}
 
 
+def sequence(n: int, precision: str, data: str) -> dict:
+    import gc
+
+    from common import case_data, peak_rss_mb, postlab_stage
+    from postlab.allocator import release_freed_memory
+    from postlab.models import load_lm
+
+    rows = []
+    for i in range(n):
+        kind = ("sft", "dpo")[i % 2]
+        lm = load_lm("smollm2-135m", precision=precision)
+        postlab_stage(lm, "nll" if kind == "sft" else "dpo", case_data("paraphrase", kind, 32, data), 16, 1e-5,
+                      append_eos=True)
+        del lm
+        gc.collect()
+        release_freed_memory()  # as postlab.run does after each run (nothing where malloc is left alone)
+        rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        rows.append({"stage": i + 1, "kind": kind, "rss_mb": round(rss), "peak_rss_mb": round(peak_rss_mb())})
+    return {"stages": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kinds", default="sft,dpo")
@@ -44,10 +69,12 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="bench/results/allocator.json")
+    ap.add_argument("--sequence", type=int, help="stages one after another in one process per setting")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        print(json.dumps(stage(a.worker, a.precision, a.data)))
+        out = sequence(a.sequence, a.precision, a.data) if a.sequence else stage(a.worker, a.precision, a.data)
+        print(json.dumps(out))
         return
 
     import torch
@@ -56,7 +83,14 @@ def main() -> None:
     from workers import run_worker
 
     results = {}
-    for kind in a.kinds.split(","):
+    if a.sequence:
+        for name, env in SETTINGS.items():
+            rows = run_worker(__file__, ["--worker", "sequence", "--sequence", str(a.sequence), "--precision",
+                                         a.precision, "--data", a.data], f"sequence {name}", env_extra=env)["stages"]
+            results[name] = rows
+            print(f"{name:13s}: resident after each stage " + ", ".join(str(r["rss_mb"]) for r in rows) +
+                  f" MB; peak {rows[-1]['peak_rss_mb']} MB", flush=True)
+    for kind in ([] if a.sequence else a.kinds.split(",")):
         runs = {s: [] for s in SETTINGS}
         for r in range(a.repeats):
             for name, env in SETTINGS.items():

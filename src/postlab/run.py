@@ -20,6 +20,7 @@ import yaml
 
 from . import distributed as dist
 from . import faults
+from .allocator import release_freed_memory
 from .cache import cached_evaluation, location, lock, tokenizer_fingerprint
 from .checkpoint import atomic_write_json, atomic_write_text, read_json, replace_dir, trainable_state
 from .config import ModelConfig, RunConfig, StageConfig, dump_config, parse_run_config
@@ -186,6 +187,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     finally:
         if trackers is not None:
             trackers.close()
+        release_freed_memory()  # the next run in this process starts from an unfragmented heap
 
 
 def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
