@@ -18,9 +18,11 @@ reference pass before training. Losses are the mean of the per-step training los
 
 Same order, same saving: both see the same micro-batches in the same order (postlab's first-epoch
 length-grouped batches; TRL reads the data in that order with a sequential sampler), and both write
-one checkpoint at the end of the epoch (weights and optimizer state: postlab's resumable checkpoint,
-TRL's save_strategy "epoch"). The time of that save is measured in each tool and reported apart, so
-the table has both: training with the save, and training alone.
+one checkpoint at the end of the epoch, each as it does by default: TRL's save_strategy "epoch" writes
+the weights with the optimizer, scheduler and RNG state; postlab's end-of-stage checkpoint writes the
+weights with the scheduler and RNG state but no optimizer state (a finished stage is never resumed).
+The time of that save is measured in each tool and reported apart, so the table has both: training
+with the save, and training alone (the like-for-like figure).
 """
 from __future__ import annotations
 
