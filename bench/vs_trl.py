@@ -7,6 +7,7 @@ medians and writes bench/results/vs_trl.json.
     .venv/bin/python bench/vs_trl.py                       # all four cases, 3 repeats
     .venv/bin/python bench/vs_trl.py --cases sft-paraphrase --n 64 --repeats 3
     .venv/bin/python bench/vs_trl.py --isa avx2 ...                   # both tools as on an AVX2-only CPU
+    .venv/bin/python bench/vs_trl.py --warm ...                       # after one untimed run in each process
 
 Equal work: one epoch over the same examples; AdamW (lr, betas, eps, no weight decay), linear decay
 without warmup, gradient clipping at 1.0; fp32 unless --precision bf16; TRL without gradient
@@ -23,6 +24,11 @@ the weights with the optimizer, scheduler and RNG state; postlab's end-of-stage 
 weights with the scheduler and RNG state but no optimizer state (a finished stage is never resumed).
 The time of that save is measured in each tool and reported apart, so the table has both: training
 with the save, and training alone (the like-for-like figure).
+
+Each process is fresh, so the timed run includes its first touch of memory (gradients, optimizer
+state, activations), a large share of a 4-step stage. With `--warm` each process first trains the
+same thing once untimed (then drops it and loads the model afresh for the timed run): the steps are
+timed as a longer run's later ones are; peak RSS is then the process's over both.
 """
 from __future__ import annotations
 
@@ -121,12 +127,13 @@ def postlab_worker(case: str, n: int, batch: int, precision: str, data: str) -> 
     return {**out, "save_s": sum(save_s), "saves": len(save_s), "peak_rss_mb": peak_rss_mb()}
 
 
-def measure(framework: str, case: str, n: int, batch: int, precision: str, data: str) -> dict:
+def measure(framework: str, case: str, n: int, batch: int, precision: str, data: str, warm: bool) -> dict:
     """One run in a fresh interpreter; returns its JSON result."""
     from workers import run_worker
 
     return run_worker(__file__, ["--worker", framework, "--cases", case, "--n", str(n), "--batch", str(batch),
-                                 "--precision", precision, "--data", data], f"{framework} {case}")
+                                 "--precision", precision, "--data", data, *(["--warm"] if warm else [])],
+                      f"{framework} {case}")
 
 
 def main() -> None:
@@ -139,6 +146,8 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="bench/results/vs_trl.json")
     ap.add_argument("--isa", choices=["avx2"], help="run both tools as on an AVX2-only CPU (see workers.ISA_LIMITS)")
+    ap.add_argument("--warm", action="store_true",
+                    help="each process trains once untimed, then the timed run with the model loaded afresh")
     ap.add_argument("--worker", choices=["trl", "postlab"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     cases = a.cases.split(",")
@@ -146,7 +155,13 @@ def main() -> None:
         case = cases[0]
         n, b = a.n or CASES[case][2], a.batch or CASES[case][3]
         fn = trl_worker if a.worker == "trl" else postlab_worker
+        import gc
+
         import torch
+
+        if a.warm:  # the same training once, untimed, in this process: what a long run's later steps see
+            fn(case, n, b, a.precision, a.data)
+            gc.collect()
 
         print(json.dumps({**fn(case, n, b, a.precision, a.data), "cpu_capability": torch.backends.cpu.get_cpu_capability()}))
         return
@@ -164,7 +179,7 @@ def main() -> None:
         runs = {"trl": [], "postlab": []}
         for r in range(a.repeats):
             for fw in runs:
-                runs[fw].append(measure(fw, case, n, b, a.precision, a.data))
+                runs[fw].append(measure(fw, case, n, b, a.precision, a.data, a.warm))
                 m = runs[fw][-1]
                 print(f"{case} repeat {r}: {fw:8s} {m['seconds']:7.1f}s  mean loss {statistics.mean(m['losses']):.4f}"
                       f"  peak RSS {m['peak_rss_mb']:.0f} MB", flush=True)
@@ -187,7 +202,7 @@ def main() -> None:
         results[case] = row
     meta = {"machine": cpu_name(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": a.precision,
-            "repeats": a.repeats, "command": " ".join(["python"] + sys.argv), "isa_limits": isa_env,
+            "repeats": a.repeats, "command": " ".join(["python"] + sys.argv), "isa_limits": isa_env, "warm": a.warm,
             "cpu_capability": sorted({x["cpu_capability"] for row in results.values() for rs in row["runs"].values() for x in rs})}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
