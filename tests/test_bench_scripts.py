@@ -17,3 +17,17 @@ def test_a_benchmark_script_imports(script, monkeypatch):
     module = importlib.import_module(script)
     assert module.__doc__, f"bench/{script}.py says what it measures and how to run it"
     sys.modules.pop(script, None)
+
+
+def test_paired_ratios_pair_each_repeat_and_bound_their_geometric_mean(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from paired_ratio import comparisons, ratio_ci
+
+    doc = {"results": {"sft": {"runs": {"trl": [{"seconds": 30.0}, {"seconds": 20.0}, {"seconds": 40.0}],
+                                         "postlab": [{"seconds": 10.0}, {"seconds": 10.0}, {"seconds": 10.0}]}}}}
+    ratios = comparisons(doc)["sft: postlab vs TRL"]
+    assert ratios == [3.0, 2.0, 4.0]  # repeat by repeat, not medians against medians
+    r = ratio_ci(ratios)
+    assert abs(r["ratio"] - 24 ** (1 / 3)) < 1e-9 and r["ci_low"] < r["ratio"] < r["ci_high"]
+    same = ratio_ci([3.0, 3.0])  # no spread: the interval is the point (exp(log 3) to rounding)
+    assert same["ci_low"] == same["ci_high"] and abs(same["ratio"] - 3.0) < 1e-12
