@@ -43,8 +43,8 @@ def case_data(task: str, kind: str, n: int, data: str) -> list[Example] | list[P
 
 def postlab_stage(lm, objective: str, raw, batch: int, lr: float, append_eos: bool, beta: float = 0.1,
                   group_by_length: bool = True, parameterization: dict | None = None, optim: dict | None = None) -> dict:
-    """Tokenize, compute reference log-probs when the objective needs them (fresh cache: always
-    computed), and train one epoch. Returns seconds, tokens, the per-step losses and train records."""
+    """Tokenize, compute reference log-probs when the objective needs them (as a run does, in batches
+    of the stage's eval_batch_size; fresh cache: always computed), and train one epoch. Returns seconds, tokens, the per-step losses and train records."""
     spec = get_objective(objective)
     obj = {"name": objective, "beta": beta} if spec.kind == "preference" else {"name": objective}
     cfg = StageConfig(name=objective, task={"name": "file"}, objective=obj, optim={"lr": lr, "batch_size": batch, **(optim or {})},
@@ -54,7 +54,7 @@ def postlab_stage(lm, objective: str, raw, batch: int, lr: float, append_eos: bo
     with tempfile.TemporaryDirectory() as d:
         items, _ = tokenize(raw, lm.tokenizer, lm.max_length, append_eos=append_eos)
         t0 = time.perf_counter()
-        ref = cached_token_logps(lm, items, "reference", 32, Path(d)) if spec.needs_reference else None
+        ref = cached_token_logps(lm, items, "reference", cfg.eval_batch_size, Path(d)) if spec.needs_reference else None
         t_ref = time.perf_counter() - t0
         args = spec.args(**{k: v for k, v in obj.items() if k != "name"})
         out = train_stage(lm, StagePlan(cfg, spec, args, items, Path(d), 0, StageInputs(reference=ref)),

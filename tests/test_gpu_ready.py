@@ -173,3 +173,47 @@ def test_the_head_runs_in_fp32_under_bf16_autocast(tiny_llama):
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
     rounded = bf16_logits[batch.hidden_index[batch.entry_hidden], batch.entry_target]
     assert (rounded - expected).abs().max() > 1e-3  # the test could tell the two apart
+
+
+class CountWeightCasts(TorchDispatchMode):
+    """Counts casts (`aten._to_copy`) of the given tensors' storage, as autocast issues them."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.ptrs, self.n = {w.data_ptr() for w in weights}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.ptrs:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_scoring_pass_or_a_generation_casts_each_weight_once(tiny_llama):
+    """bf16 autocast on CPU, frozen weights (a LoRA base, a teacher): a reference pass of 3 batches and
+    a generation of 6 tokens each cast every linear weight once, not once per forward; the
+    log-probs are bit for bit those of one autocast region per batch; the weights stay frozen."""
+    from postlab.config import GenerationConfig
+    from postlab.data import Example
+    from postlab.decoder import decoder_and_head
+    from postlab.generate import generate
+    from postlab.logprobs import score_all, token_logps
+
+    lm = load_lm(str(tiny_llama), device="cpu", precision="bf16")
+    lm.model.requires_grad_(False)
+    linear = [m.weight for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    body = [m.weight for m in decoder_and_head(lm.model)[0].modules() if isinstance(m, torch.nn.Linear)]
+    items, _ = tokenize([Example(f"Count {i}: one", " two three" * (1 + i % 3)) for i in range(12)], lm.tokenizer, 64)
+
+    with CountWeightCasts(linear) as casts:
+        got = token_logps(lm, items, 4)
+    assert casts.n == len(body)  # 3 forwards: 3x as many before; the head runs in fp32
+    per_batch = [None] * len(items)
+    for idx, logps, mask in score_all(lm, items, 4):  # an autocast region per forward
+        for b, i in enumerate(idx):
+            per_batch[i] = logps[b][mask[b]]
+    assert all(torch.equal(g[0], p) for g, p in zip(got, per_batch))
+
+    with CountWeightCasts(linear) as casts:
+        generate(lm, ["Count 1:", "Count 2: one"], GenerationConfig(max_new_tokens=6, batch_size=2, greedy=True), None)
+    assert casts.n == len(linear)  # the head too (tied to the embedding): generation's logits are autocast's
+    assert not any(p.requires_grad for p in lm.model.parameters())

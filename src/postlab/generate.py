@@ -32,7 +32,7 @@ def generate(lm: LM, prompts: list[str], cfg: GenerationConfig, desc: str | None
                 kwargs = dict(do_sample=False) if cfg.greedy else dict(
                     do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
                     logits_processor=LogitsProcessorList([NucleusFromTopK(cfg.top_p)]) if cfg.top_p < 1 else None)
-                with lm.autocast():
+                with lm.inference():
                     ids = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
                                          eos_token_id=tok.eos_token_id, **kwargs)
                 out += tok.batch_decode(ids[:, enc.input_ids.shape[1]:], skip_special_tokens=True)

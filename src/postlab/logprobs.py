@@ -114,7 +114,7 @@ def score_topk(lm: LM, batch: ScoreBatch, k: int, chunk_rows: int = CHUNK_ROWS):
 def score_all(lm: LM, items: list, batch_size: int, desc: str | None = None, topk: int = 0):
     """Score `items` (Tokenized) in length-sorted batches without gradients; yields
     (indices, log-probs, mask) per batch -- plus top-k log-probs and ids with `topk` -- indices
-    pointing into `items`."""
+    pointing into `items`. Callers iterate it inside `lm.inference()`: each weight cast once per pass."""
     from tqdm.auto import tqdm
 
     was_training = lm.model.training
@@ -136,14 +136,15 @@ def token_logps(lm: LM, items: list, batch_size: int, desc: str | None = None, t
     a tuple of three such structures: log-probs, top-k log-probs [tokens, k], top-k ids [tokens, k]."""
     n_out = 3 if topk else 1
     outs: list[list[list[torch.Tensor]]] = [[[] for _ in items] for _ in range(n_out)]
-    for idx, logps, mask, *dist in score_all(lm, items, batch_size, desc=desc, topk=topk):
-        B = len(idx)
-        for k in range(len(items[idx[0]].completions)):
-            for b, i in enumerate(idx):
-                row = k * B + b
-                for o, t in enumerate([logps, *dist]):
-                    x = t[row][mask[row]].cpu()
-                    outs[o][i].append(x.to(torch.int32) if x.dtype == torch.long else x.float())
+    with lm.inference():
+        for idx, logps, mask, *dist in score_all(lm, items, batch_size, desc=desc, topk=topk):
+            B = len(idx)
+            for k in range(len(items[idx[0]].completions)):
+                for b, i in enumerate(idx):
+                    row = k * B + b
+                    for o, t in enumerate([logps, *dist]):
+                        x = t[row][mask[row]].cpu()
+                        outs[o][i].append(x.to(torch.int32) if x.dtype == torch.long else x.float())
     return tuple(outs) if topk else outs[0]
 
 
@@ -159,11 +160,12 @@ def completion_nll_per_example(lm: LM, examples: list[Example], batch_size: int,
     """Per example, in order: (NLL of its completion given its prompt, number of completion tokens)."""
     items, _ = tokenize(examples, lm.tokenizer, lm.max_length, overlength, append_eos=append_eos, source=source)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(items)
-    for idx, logps, mask in score_all(lm, items, batch_size):
-        nll = -(logps.double() * mask).sum(-1).cpu()
-        count = mask.sum(-1).cpu()
-        for b, i in enumerate(idx):  # one completion per example: row b
-            out[i] = (float(nll[b]), int(count[b]))
+    with lm.inference():
+        for idx, logps, mask in score_all(lm, items, batch_size):
+            nll = -(logps.double() * mask).sum(-1).cpu()
+            count = mask.sum(-1).cpu()
+            for b, i in enumerate(idx):  # one completion per example: row b
+                out[i] = (float(nll[b]), int(count[b]))
     return out
 
 

@@ -155,6 +155,26 @@ class LM:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    @contextlib.contextmanager
+    def inference(self):
+        """A pass of many forwards without gradients (scoring, generation) in one autocast region,
+        so each weight is cast to the compute dtype once per pass, not once per forward (or per
+        generated token). Autocast caches only the casts of leaves that require grad, so frozen
+        weights (a LoRA base, a teacher) are marked as requiring it for the pass; under no_grad
+        nothing computes gradients. The casts are identical, so are the results; the cached copies
+        hold half the weights' fp32 size until the pass ends."""
+        frozen = [] if self.precision == "fp32" else [
+            p for p in self.model.parameters() if not p.requires_grad and p.is_floating_point()]
+        with torch.no_grad():
+            for p in frozen:
+                p.requires_grad_(True)
+            try:
+                with self.autocast():
+                    yield
+            finally:
+                for p in frozen:
+                    p.requires_grad_(False)
+
     @property
     def context_length(self) -> int:
         cfg = self.model.config

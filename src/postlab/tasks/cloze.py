@@ -74,11 +74,12 @@ def classify(lm: LM, prompts: list[Choices], batch_size: int, desc: str | None =
     ties go to the first). Prompts too long for the model lose their start."""
     items, _ = tokenize(prompts, lm.tokenizer, lm.max_length, "truncate", append_eos=False, source="dev")
     pred = [0] * len(items)
-    for idx, logps, mask in score_all(lm, items, batch_size, desc=desc):
-        B, K = len(idx), len(prompts[idx[0]].answers)
-        totals = (logps * mask).sum(-1).view(K, B)  # completion-major: row k*B + b
-        for j, i in enumerate(idx):
-            pred[i] = int(totals[:, j].argmax())
+    with lm.inference():
+        for idx, logps, mask in score_all(lm, items, batch_size, desc=desc):
+            B, K = len(idx), len(prompts[idx[0]].answers)
+            totals = (logps * mask).sum(-1).view(K, B)  # completion-major: row k*B + b
+            for j, i in enumerate(idx):
+                pred[i] = int(totals[:, j].argmax())
     return pred
 
 
