@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/paired_ratio.py bench/results/vs_trl_bf16_amx_warm.json bench/results/allocator_huge_pages.json
 
-Each repeat of vs_trl.py (TRL then postlab) and of allocator.py (one process per setting) ran side
-by side, so its ratio is one paired observation. Reports the geometric mean of the ratios with a
+Each repeat of vs_trl.py (TRL then postlab), of allocator.py (one process per setting) and of
+inference_casts.py (one region per forward, then per pass) ran side by side, so its ratio is one
+paired observation. Reports the geometric mean of the ratios with a
 Student-t interval on their logarithms (postlab.stats.summarize): an interval that holds 1 (or a
 target such as 3x) is not evidence either way, and its half-width is the smallest effect these
 repeats could have resolved.
@@ -28,6 +29,11 @@ def comparisons(doc: dict) -> dict[str, list[float]]:
     """name -> paired ratios (> 1: the first-named is faster)."""
     out = {}
     for case, row in doc["results"].items():
+        if isinstance(row, dict) and row and all(isinstance(v, dict) and "per pass" in v for v in row.values()):
+            for weights, ways in row.items():  # inference_casts.py: the two ways alternate within a repeat
+                out[f"{case} ({weights}): per pass vs per forward"] = [
+                    f / p for f, p in zip(ways["per forward"]["seconds"], ways["per pass"]["seconds"])]
+            continue
         runs = row.get("runs", {}) if isinstance(row, dict) else {}
         if "trl" in runs:  # vs_trl.py
             out[f"{case}: postlab vs TRL"] = [t["seconds"] / p["seconds"] for t, p in zip(runs["trl"], runs["postlab"])]

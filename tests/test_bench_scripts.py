@@ -29,5 +29,8 @@ def test_paired_ratios_pair_each_repeat_and_bound_their_geometric_mean(monkeypat
     assert ratios == [3.0, 2.0, 4.0]  # repeat by repeat, not medians against medians
     r = ratio_ci(ratios)
     assert abs(r["ratio"] - 24 ** (1 / 3)) < 1e-9 and r["ci_low"] < r["ratio"] < r["ci_high"]
+    casts = {"results": {"generation": {"frozen": {"per forward": {"seconds": [3.0, 4.0]},
+                                                    "per pass": {"seconds": [2.0, 2.0]}, "per_pass_speedup": 1.75}}}}
+    assert comparisons(casts) == {"generation (frozen): per pass vs per forward": [1.5, 2.0]}  # inference_casts.py
     same = ratio_ci([3.0, 3.0])  # no spread: the interval is the point (exp(log 3) to rounding)
     assert same["ci_low"] == same["ci_high"] and abs(same["ratio"] - 3.0) < 1e-12
