@@ -256,3 +256,21 @@ def test_train_records_say_tokens_seen_and_seconds_per_step(tiny_llama, tmp_path
     assert train[-1]["tokens_seen"] == sum(len(it.prompt) + len(it.completions[0]) for it in items)
     assert 0 < train[0]["tokens_seen"] < train[1]["tokens_seen"] < train[2]["tokens_seen"]
     assert [r["step_s"] for r in train] == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_each_epoch_starts_with_its_largest_batch(group):
+    """The batch with the most padded tokens comes first (a batch too big fails at step 1, and later
+    steps reuse its memory); every example still appears once, and the order depends on the seed."""
+    from postlab.data import length_grouped_batches
+
+    lengths = [(i * 37) % 101 + 1 for i in range(203)]  # a last, smaller batch of 11
+    padded = lambda b: len(b) * max(lengths[i] for i in b)  # noqa: E731
+    orders = []
+    for seed in range(5):
+        batches = length_grouped_batches(lengths, 16, seed, group)
+        assert sorted(i for b in batches for i in b) == list(range(203))
+        assert padded(batches[0]) == max(padded(b) for b in batches)
+        assert batches == length_grouped_batches(lengths, 16, seed, group)
+        orders.append(batches)
+    assert len({str(o[1:]) for o in orders}) == 5  # the rest stays shuffled by the seed

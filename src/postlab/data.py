@@ -106,7 +106,11 @@ def tokenize(examples: list[Example] | list[Pair] | list[Choices], tokenizer, ma
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: bool = True,
                            window: int = 64) -> list[list[int]]:
     """Shuffle, then sort by length within windows of `window` batches, so a batch holds similar
-    lengths (little padding) while the order stays random. Deterministic in `seed`."""
+    lengths (little padding) while the order stays random. Deterministic in `seed`.
+
+    The batch with the most padded tokens comes first (as in transformers' length-grouped sampler):
+    a batch too big for the device fails at step 1, not hours in, and the later steps fit in the
+    memory the first one touched instead of faulting in more."""
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
@@ -115,6 +119,9 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
         idx = [i for s in range(0, len(idx), span) for i in sorted(idx[s:s + span], key=lambda j: lengths[j])]
     batches = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
     rng.shuffle(batches)
+    if batches:
+        largest = max(range(len(batches)), key=lambda b: len(batches[b]) * max(lengths[i] for i in batches[b]))
+        batches.insert(0, batches.pop(largest))
     return batches
 
 
