@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/paired_ratio.py bench/results/vs_trl_bf16_amx_warm.json bench/results/allocator_huge_pages.json
 
-Each repeat of vs_trl.py (TRL then postlab), of allocator.py (one process per setting) and of
-inference_casts.py (one region per forward, then per pass) ran side by side, so its ratio is one
+Each repeat of vs_trl.py (TRL then postlab), of vs_commit.py (the past commit then this one), of
+allocator.py (one process per setting) and of inference_casts.py (one region per forward, then per
+pass) ran side by side, so its ratio is one
 paired observation. Reports the geometric mean of the ratios with a
 Student-t interval on their logarithms (postlab.stats.summarize): an interval that holds 1 (or a
 target such as 3x) is not evidence either way, and its half-width is the smallest effect these
@@ -37,6 +38,9 @@ def comparisons(doc: dict) -> dict[str, list[float]]:
         runs = row.get("runs", {}) if isinstance(row, dict) else {}
         if "trl" in runs:  # vs_trl.py
             out[f"{case}: postlab vs TRL"] = [t["seconds"] / p["seconds"] for t, p in zip(runs["trl"], runs["postlab"])]
+            continue
+        if "past" in runs and "now" in runs:  # vs_commit.py
+            out[f"{case}: now vs past"] = [p["seconds"] / n["seconds"] for p, n in zip(runs["past"], runs["now"])]
             continue
         names = list(runs)  # allocator.py: each setting against the later ones
         for i, a in enumerate(names):

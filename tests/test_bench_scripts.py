@@ -32,5 +32,8 @@ def test_paired_ratios_pair_each_repeat_and_bound_their_geometric_mean(monkeypat
     casts = {"results": {"generation": {"frozen": {"per forward": {"seconds": [3.0, 4.0]},
                                                     "per pass": {"seconds": [2.0, 2.0]}, "per_pass_speedup": 1.75}}}}
     assert comparisons(casts) == {"generation (frozen): per pass vs per forward": [1.5, 2.0]}  # inference_casts.py
+    commits = {"results": {"dpo": {"runs": {"past": [{"seconds": 12.0}, {"seconds": 10.0}],
+                                            "now": [{"seconds": 10.0}, {"seconds": 10.0}]}}}}
+    assert comparisons(commits) == {"dpo: now vs past": [1.2, 1.0]}  # vs_commit.py
     same = ratio_ci([3.0, 3.0])  # no spread: the interval is the point (exp(log 3) to rounding)
     assert same["ci_low"] == same["ci_high"] and abs(same["ratio"] - 3.0) < 1e-12
