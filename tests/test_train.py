@@ -260,7 +260,7 @@ def test_train_records_say_tokens_seen_and_seconds_per_step(tiny_llama, tmp_path
 
 @pytest.mark.parametrize("group", [True, False])
 def test_each_epoch_starts_with_its_largest_batch(group):
-    """The batch with the most padded tokens comes first (a batch too big fails at step 1, and later
+    """The largest batch (size x longest item) comes first (a batch too big fails at step 1, and later
     steps reuse its memory); every example still appears once, and the order depends on the seed."""
     from postlab.data import length_grouped_batches
 

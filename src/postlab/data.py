@@ -108,9 +108,9 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
     """Shuffle, then sort by length within windows of `window` batches, so a batch holds similar
     lengths (little padding) while the order stays random. Deterministic in `seed`.
 
-    The batch with the most padded tokens comes first (as in transformers' length-grouped sampler):
-    a batch too big for the device fails at step 1, not hours in, and the later steps fit in the
-    memory the first one touched instead of faulting in more."""
+    The largest batch (its size times its longest item's length) comes first, as in transformers'
+    length-grouped sampler: a batch too big for the device fails at step 1, not hours in, and the
+    later steps fit in the memory the first one touched instead of faulting in more."""
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
