@@ -274,3 +274,46 @@ def test_each_epoch_starts_with_its_largest_batch(group):
         assert batches == length_grouped_batches(lengths, 16, seed, group)
         orders.append(batches)
     assert len({str(o[1:]) for o in orders}) == 5  # the rest stays shuffled by the seed
+
+
+def test_resuming_a_checkpoint_of_another_version_warns(tiny_llama, tmp_path, caplog):
+    """Another postlab version may order an epoch's batches otherwise (0.1.1 put the largest first):
+    resuming its mid-stage checkpoint says so, naming the checkpoint; the same version resumes quietly."""
+    import postlab.train as train_mod
+
+    data = write_pairs(tmp_path / "pairs.tsv")
+
+    def interrupted(out: Path):
+        cfg = parse_run_config(run_config(tiny_llama, out, data, save_every_steps=2, eval_at_start=False))
+        real_step, calls = train_mod.torch.optim.AdamW.step, {"n": 0}
+
+        def dying_step(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == 4:  # after the step-2 checkpoint
+                raise KeyboardInterrupt
+            return real_step(self, *a, **k)
+
+        train_mod.torch.optim.AdamW.step = dying_step
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run(cfg)
+        finally:
+            train_mod.torch.optim.AdamW.step = real_step
+        return cfg, out / "0-sft" / "checkpoint"
+
+    cfg, ckpt = interrupted(tmp_path / "same")
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["postlab"] == train_mod.__version__ and state["step"] == 2
+    with caplog.at_level("WARNING", logger="postlab"):
+        run(cfg, resume=True)
+    assert "written by postlab" not in caplog.text
+
+    cfg, ckpt = interrupted(tmp_path / "old")
+    state = json.loads((ckpt / "state.json").read_text())
+    state.pop("postlab")  # as 0.1.0 wrote it
+    (ckpt / "state.json").write_text(json.dumps(state))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="postlab"):
+        run(cfg, resume=True)
+    assert f"written by postlab 0.1.0 or older, resumed by {train_mod.__version__}" in caplog.text
+    assert str(ckpt) in caplog.text

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import __version__
 from . import distributed as dist
 from . import faults
 from .checkpoint import existing_dir, load_checkpoint, save_checkpoint
@@ -309,6 +310,12 @@ def _resume(lm: LM, plan: StagePlan, metrics: MetricsLog, total: int) -> tuple[P
                   state.get("last_eval", {}))
     metrics.truncate_after(name, at.step)
     log.info("stage %s: resuming at step %d/%d (epoch %d)", name, at.step, total, at.epoch + 1)
+    written_by = state.get("postlab", "0.1.0 or older")
+    if written_by != __version__ and at.step < total:  # another version may order an epoch's batches otherwise
+        log.warning("%s: written by postlab %s, resumed by %s: the rest of epoch %d may follow another batch "
+                    "order (some examples seen twice or not at all this epoch); delete the checkpoint to train "
+                    "stage %s again from its start", existing_dir(plan.checkpoint), written_by, __version__,
+                    at.epoch + 1, name)
     return at, (optim_state, sched_state)
 
 
@@ -394,4 +401,5 @@ def _save(plan: StagePlan, par, model, opt, sched, at: Progress, t_start: float,
         if dist.is_main():
             save_checkpoint(plan.checkpoint, weights, optim_state, sched,
                             {"step": at.step, "epoch": at.epoch, "group": group, "tokens": at.tokens,
-                             "wall_s": time.perf_counter() - t_start, "last_eval": at.last_eval})
+                             "wall_s": time.perf_counter() - t_start, "last_eval": at.last_eval,
+                             "postlab": __version__})
