@@ -62,6 +62,26 @@ def test_lora_trains_only_adapter_and_keeps_base_bit_identical(tiny_llama, tmp_p
     assert result["stages"][0]["parameterization"] == "lora"
 
 
+def killed_at_optimizer_step(cfg, n: int) -> None:
+    """Run `cfg` until its n-th optimizer step raises KeyboardInterrupt (a kill between checkpoints)."""
+    import postlab.train as train_mod
+
+    real_step, calls = train_mod.torch.optim.AdamW.step, {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    train_mod.torch.optim.AdamW.step = dying_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+    finally:
+        train_mod.torch.optim.AdamW.step = real_step
+
+
 def test_resumed_run_matches_uninterrupted(tiny_llama, tmp_path, precision):
     """Bit-identical in fp32 and in bf16 (autocast), on the machine that runs both."""
     data = write_pairs(tmp_path / "pairs.tsv")
@@ -72,23 +92,7 @@ def test_resumed_run_matches_uninterrupted(tiny_llama, tmp_path, precision):
     part_cfg = run_config(tiny_llama, tmp_path / "part", data, precision, save_every_steps=2,
                           parameterization={"method": "lora", "lora": {"r": 4, "dropout": 0.1}})
     cfg = parse_run_config(part_cfg)
-    import postlab.train as train_mod
-
-    real_step = train_mod.torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 10:  # mid-epoch 2, after the step-8 checkpoint
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    train_mod.torch.optim.AdamW.step = dying_step
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(cfg)
-    finally:
-        train_mod.torch.optim.AdamW.step = real_step
+    killed_at_optimizer_step(cfg, 10)  # mid-epoch 2, after the step-8 checkpoint
     assert not (tmp_path / "part" / "result.json").exists()
     run(cfg, resume=True)
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "part")
@@ -285,20 +289,7 @@ def test_resuming_a_checkpoint_of_another_version_warns(tiny_llama, tmp_path, ca
 
     def interrupted(out: Path):
         cfg = parse_run_config(run_config(tiny_llama, out, data, save_every_steps=2, eval_at_start=False))
-        real_step, calls = train_mod.torch.optim.AdamW.step, {"n": 0}
-
-        def dying_step(self, *a, **k):
-            calls["n"] += 1
-            if calls["n"] == 4:  # after the step-2 checkpoint
-                raise KeyboardInterrupt
-            return real_step(self, *a, **k)
-
-        train_mod.torch.optim.AdamW.step = dying_step
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                run(cfg)
-        finally:
-            train_mod.torch.optim.AdamW.step = real_step
+        killed_at_optimizer_step(cfg, 4)  # after the step-2 checkpoint
         return cfg, out / "0-sft" / "checkpoint"
 
     cfg, ckpt = interrupted(tmp_path / "same")
