@@ -110,7 +110,7 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
 
     The largest batch (its size times its longest item's length) comes first, as in transformers'
     length-grouped sampler: a batch too big for the device fails at step 1, not hours in, and the
-    later steps fit in the memory the first one touched instead of faulting in more."""
+    later steps can fit in the memory the first one touched instead of faulting in more."""
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
