@@ -1,18 +1,21 @@
-"""What running the LM head in fp32 (postlab's default under bf16 autocast) buys and costs.
+"""What the LM head's precision under bf16 autocast buys and costs: the head in fp32, autocast's plain
+bf16 head (bf16 logits), and postlab's default, a bf16 matmul whose output is shifted per row by minus
+the target's logit before it is rounded (`postlab.logprobs._logits`).
 
-    .venv/bin/python bench/head_precision.py            # 16 items per task, 3 timing repeats
+    .venv/bin/python bench/head_precision.py            # 96 sequences per task, 3 timing repeats
 
-Accuracy: per-sequence log-probs of the embedded model under bf16 autocast, head in bf16 (autocast's
-choice) vs in fp32, against the same model in fp32: the mean and max absolute error, and how much the
-log-probs move when the same items are scored in batches of 4 instead of 16 (what separates a policy
-forward from its cached reference pass at the first DPO step). Cost: seconds of one SFT stage (8
-sonnet examples, batch 8: long completions, the head at ~100 rows per example) with each head, median
-of `--repeats`. Writes bench/results/head_precision.json.
+Accuracy: per-sequence log-probs of the embedded model under bf16 autocast with each head, against
+the same model in fp32: the mean absolute error, and each head's excess error over the fp32 head's
+(paired over sequences, mean with a 95% interval). Cost: seconds of one SFT stage with each head, in
+one process, the heads' order rotating each repeat, medians of `--repeats`: 16 sonnet examples at
+batch 8 (long completions: the head at ~80 rows per example) and 64 paraphrase examples at batch 16
+(two scored tokens per example). Writes bench/results/head_precision.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -24,55 +27,75 @@ from postlab.data import score_batch, tokenize
 from postlab.models import load_lm
 from postlab.run import cpu_name
 
-FP32_HEAD = logprobs._logits
+SHIFTED = logprobs._logits
 
 
-def bf16_head(head, h):  # what autocast does with a Linear: bf16 logits
-    return head(h).float()
+def fp32_head(head, h, rows, targets):
+    with torch.autocast(h.device.type, enabled=False):
+        return head(h.float()), 1
+
+
+def bf16_head(head, h, rows, targets):  # what autocast does with a Linear: bf16 logits
+    return head(h).float(), 1
+
+
+HEADS = {"fp32 head": fp32_head, "bf16 head": bf16_head, "shifted bf16 head": SHIFTED}
 
 
 def seq_logps(lm, items) -> torch.Tensor:
-    sb = score_batch(items, lm.tokenizer.pad_token_id)
-    with torch.no_grad():
-        lp, m = logprobs.score(lm, sb)
-    return (lp * m).sum(-1).view(len(items[0].completions), -1).t()
+    out = []
+    with lm.inference():
+        for s in range(0, len(items), 16):
+            lp, m = logprobs.score(lm, score_batch(items[s:s + 16], lm.tokenizer.pad_token_id))
+            out.append((lp * m).sum(-1))
+    return torch.cat(out).double()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--out", default="bench/results/head_precision.json")
     a = ap.parse_args()
     lm32, lm16 = load_lm("smollm2-135m", precision="fp32"), load_lm("smollm2-135m", precision="bf16")
-    out: dict = {"meta": {"machine": cpu_name(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "n": a.n}, "accuracy": {}, "sft_stage_s": {}}
+    out: dict = {"meta": {"machine": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "n": a.n, "repeats": a.repeats,
+                          "command": "python bench/head_precision.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items())},
+                 "accuracy": {}, "stage_s": {}}
     for task in ("paraphrase", "sonnets"):
-        items, _ = tokenize(case_data(task, "dpo", a.n, a.data), lm32.tokenizer, 2048, append_eos=True)
+        items, _ = tokenize(case_data(task, "sft", a.n, a.data), lm32.tokenizer, 2048, append_eos=True)
+        logprobs._logits = SHIFTED  # fp32 model: the fp32 head either way
         exact = seq_logps(lm32, items)
-        for name, fn in (("bf16 head", bf16_head), ("fp32 head", FP32_HEAD)):
+        errs = {}
+        for name, fn in HEADS.items():
             logprobs._logits = fn
-            whole = seq_logps(lm16, items)
-            quarters = torch.cat([seq_logps(lm16, items[i:i + 4]) for i in range(0, len(items), 4)])
-            err, moved = (whole - exact).abs(), (whole - quarters).abs()
+            errs[name] = (seq_logps(lm16, items) - exact).abs()
+        for name, e in errs.items():
+            d = e - errs["fp32 head"]
+            half = 1.96 * d.std().item() / math.sqrt(len(d))
             out["accuracy"][f"{task}, {name}"] = {
-                "mean_abs_err_vs_fp32": err.mean().item(), "max_abs_err_vs_fp32": err.max().item(),
-                "mean_abs_batch16_vs_4": moved.mean().item(), "max_abs_batch16_vs_4": moved.max().item(),
+                "mean_abs_err_vs_fp32": e.mean().item(), "max_abs_err_vs_fp32": e.max().item(),
+                "excess_over_fp32_head": d.mean().item(), "excess_ci95": [d.mean().item() - half, d.mean().item() + half],
                 "mean_abs_logp": exact.abs().mean().item()}
-            print(task, name, {k: round(v, 4) for k, v in out["accuracy"][f"{task}, {name}"].items()}, flush=True)
-    raw = case_data("sonnets", "sft", 8, a.data)
+            print(task, name, {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
+                               for k, v in out["accuracy"][f"{task}, {name}"].items()}, flush=True)
+    cases = {"sonnets SFT": (case_data("sonnets", "sft", 16, a.data), 8),
+             "paraphrase SFT": (case_data("paraphrase", "sft", 64, a.data), 16)}
+    names = list(HEADS)
     for r in range(a.repeats):
-        for name, fn in (("bf16 head", bf16_head), ("fp32 head", FP32_HEAD)):
-            logprobs._logits = fn
-            s = postlab_stage(load_lm("smollm2-135m", precision="bf16"), "nll", raw, 8, 1e-5, append_eos=True)
-            out["sft_stage_s"].setdefault(name, []).append(s["seconds"])
-            print(f"repeat {r} {name}: {s['seconds']:.2f}s", flush=True)
-    med = {k: statistics.median(v) for k, v in out["sft_stage_s"].items()}
-    out["sft_stage_median_s"] = med
-    out["fp32_head_time_ratio"] = med["fp32 head"] / med["bf16 head"]
-    print(f"sonnets SFT stage, bf16: fp32 head / bf16 head time = {out['fp32_head_time_ratio']:.3f} "
-          f"(median of {a.repeats})")
-    Path("bench/results/head_precision.json").write_text(json.dumps(out, indent=2))
+        for case, (raw, batch) in cases.items():
+            for name in names[r % 3:] + names[:r % 3]:
+                logprobs._logits = HEADS[name]
+                s = postlab_stage(load_lm("smollm2-135m", precision="bf16"), "nll", raw, batch, 1e-5, append_eos=True)
+                out["stage_s"].setdefault(case, {}).setdefault(name, []).append(s["seconds"])
+                print(f"repeat {r} {case}, {name}: {s['seconds']:.2f}s", flush=True)
+    logprobs._logits = SHIFTED
+    out["stage_median_s"] = {c: {k: statistics.median(v) for k, v in d.items()} for c, d in out["stage_s"].items()}
+    for case, med in out["stage_median_s"].items():
+        print(f"{case}: " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items())
+              + f"; fp32 head / shifted = {med['fp32 head'] / med['shifted bf16 head']:.2f}x")
+    Path(a.out).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

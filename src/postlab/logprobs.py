@@ -22,31 +22,54 @@ log = logging.getLogger("postlab")
 
 
 
-def _logits(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """The head in fp32, outside autocast: bf16 logits (|logit| ~ 10-30, so steps of 0.03-0.1) would
-    put that rounding into every log-prob. On the embedded model in bf16 this cuts the log-prob error
-    against fp32 by about a quarter (bench/head_precision.py); it costs only at scored rows."""
-    with torch.autocast(h.device.type, enabled=False):
-        return head(h.float())
+def _logits(head: torch.nn.Module, h: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Full-vocabulary logits in fp32 at the rows of `h`, for an fp32 log-softmax; returns them with
+    the dim that holds the vocabulary: 1 for [rows, vocab], 0 for [vocab, rows].
+
+    Under autocast (bf16, fp16) the head's matmul runs in that dtype, with fp32 accumulation, and
+    each row's output is shifted inside the matmul (addmm's input) by minus the fp32 logit of one of
+    its targets. A constant per row leaves the log-softmax unchanged; what it changes is the rounding
+    of the output: relative to |logit - target logit|, small where the probability is, instead of
+    to |logit| (10-30 on the embedded model: steps of 0.03-0.1 in bf16, what autocast's own bf16
+    head puts into every log-prob). The product is taken as [vocab, rows], with the weight as
+    autocast's own argument, so a scoring pass casts it once (LM.inference). bench/head_precision.py
+    measures the error against the head in fp32; that head costs a quarter of a sonnet SFT stage's time on
+    AMX, and on a GPU would run without tensor cores. Heads with a bias or wrapped by an adapter,
+    and fp32 runs, use the fp32 head.
+    """
+    device = h.device.type
+    if not torch.is_autocast_enabled(device) or type(head) is not torch.nn.Linear or head.bias is not None:
+        with torch.autocast(device, enabled=False):
+            return head(h.float()), 1
+    w = head.weight
+    # one target per row (the largest id where a row has several: deterministic)
+    row_target = torch.zeros(len(h), dtype=torch.long, device=h.device).scatter_reduce(
+        0, rows, targets, "amax", include_self=False)
+    shift = -(h.detach().float() * w.detach()[row_target].float()).sum(-1)
+    return torch.addmm(shift.expand(len(w), len(h)), w, h.t()).float(), 0
+
+
+def _target_logps(head: torch.nn.Module, h: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
+    """(log-probs of `targets` at `rows`, the log-sum-exp at rows [len(rows), 1], a function giving
+    the logits at rows [len(rows), vocab])."""
+    logits, v = _logits(head, h, rows, targets)
+    lse = logits.logsumexp(v)
+    tok = (logits[rows, targets] if v else logits[targets, rows]) - lse[rows]
+    return tok, lse[rows, None], lambda: logits[rows] if v else logits[:, rows].t()
 
 
 def _chunk_logps(head: torch.nn.Module, h: torch.Tensor, local_hidden: torch.Tensor, targets: torch.Tensor,
                  at: torch.Tensor | None = None):
     """Log-probs of `targets` at rows `local_hidden` of this chunk; with `at` ([entries, k] token ids)
     also the log-probs of those tokens at the same rows."""
-    logits = _logits(head, h)
-    lse = logits.logsumexp(-1)
-    tok = logits[local_hidden, targets] - lse[local_hidden]
-    if at is None:
-        return tok
-    return tok, logits[local_hidden].gather(-1, at) - lse[local_hidden, None]
+    tok, lse, logits = _target_logps(head, h, local_hidden, targets)
+    return tok if at is None else (tok, logits().gather(-1, at) - lse)
 
 
 def _chunk_topk(head: torch.nn.Module, h: torch.Tensor, local_hidden: torch.Tensor, targets: torch.Tensor, k: int):
-    logits = _logits(head, h)
-    lse = logits.logsumexp(-1)
-    values, index = logits[local_hidden].topk(k, dim=-1)
-    return logits[local_hidden, targets] - lse[local_hidden], values - lse[local_hidden, None], index
+    tok, lse, logits = _target_logps(head, h, local_hidden, targets)
+    values, index = logits().topk(k, dim=-1)
+    return tok, values - lse, index
 
 
 def _layout(batch: ScoreBatch, vals: torch.Tensor) -> torch.Tensor:
