@@ -7,9 +7,14 @@ the target's logit before it is rounded (`postlab.logprobs._logits`).
 Accuracy: per-sequence log-probs of the embedded model under bf16 autocast with each head, against
 the same model in fp32: the mean absolute error, and each head's excess error over the fp32 head's
 (paired over sequences, mean with a 95% interval). Cost: seconds of one SFT stage with each head, in
-one process, the heads' order rotating each repeat, medians of `--repeats`: 16 sonnet examples at
-batch 8 (long completions: the head at ~80 rows per example) and 64 paraphrase examples at batch 16
-(two scored tokens per example). Writes bench/results/head_precision.json.
+one process after an untimed warm-up stage, the heads' order rotating each repeat, medians of
+`--repeats` and, per pair of repeats, the fp32 head's time over the shifted head's (geometric mean,
+95% t-interval): 16 sonnet examples at batch 8 (long completions: the head at ~80 rows per example),
+64 paraphrase examples or pairs at batch 16 (two scored tokens per answer). Writes
+bench/results/head_precision.json.
+
+    .venv/bin/python bench/head_precision.py --skip-accuracy --heads "fp32 head,shifted bf16 head" \
+        --cases "paraphrase SFT,paraphrase DPO" --repeats 6 --out bench/results/head_speed_paraphrase.json
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from scipy.stats import t
 
 import postlab.logprobs as logprobs
 from common import case_data, postlab_stage
@@ -57,13 +63,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="bench/results/head_precision.json")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--heads", default=",".join(HEADS))
+    ap.add_argument("--cases", default="sonnets SFT,paraphrase SFT")
     a = ap.parse_args()
     lm32, lm16 = load_lm("smollm2-135m", precision="fp32"), load_lm("smollm2-135m", precision="bf16")
     out: dict = {"meta": {"machine": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "n": a.n, "repeats": a.repeats,
                           "command": "python bench/head_precision.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items())},
                  "accuracy": {}, "stage_s": {}}
-    for task in ("paraphrase", "sonnets"):
+    for task in () if a.skip_accuracy else ("paraphrase", "sonnets"):
         items, _ = tokenize(case_data(task, "sft", a.n, a.data), lm32.tokenizer, 2048, append_eos=True)
         logprobs._logits = SHIFTED  # fp32 model: the fp32 head either way
         exact = seq_logps(lm32, items)
@@ -80,21 +89,32 @@ def main() -> None:
                 "mean_abs_logp": exact.abs().mean().item()}
             print(task, name, {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
                                for k, v in out["accuracy"][f"{task}, {name}"].items()}, flush=True)
-    cases = {"sonnets SFT": (case_data("sonnets", "sft", 16, a.data), 8),
-             "paraphrase SFT": (case_data("paraphrase", "sft", 64, a.data), 16)}
-    names = list(HEADS)
+    all_cases = {"sonnets SFT": (lambda: case_data("sonnets", "sft", 16, a.data), 8, "nll"),
+                 "paraphrase SFT": (lambda: case_data("paraphrase", "sft", 64, a.data), 16, "nll"),
+                 "paraphrase DPO": (lambda: case_data("paraphrase", "dpo", 64, a.data), 16, "dpo")}
+    cases = {c: (all_cases[c][0](), *all_cases[c][1:]) for c in a.cases.split(",")}
+    names = a.heads.split(",")
+    first = next(iter(cases.values()))  # warm-up: the process's first stage pays its first touch of memory
+    postlab_stage(load_lm("smollm2-135m", precision="bf16"), first[2], first[0], first[1], 1e-5, append_eos=True)
     for r in range(a.repeats):
-        for case, (raw, batch) in cases.items():
-            for name in names[r % 3:] + names[:r % 3]:
+        for case, (raw, batch, objective) in cases.items():
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 logprobs._logits = HEADS[name]
-                s = postlab_stage(load_lm("smollm2-135m", precision="bf16"), "nll", raw, batch, 1e-5, append_eos=True)
+                s = postlab_stage(load_lm("smollm2-135m", precision="bf16"), objective, raw, batch, 1e-5, append_eos=True)
                 out["stage_s"].setdefault(case, {}).setdefault(name, []).append(s["seconds"])
                 print(f"repeat {r} {case}, {name}: {s['seconds']:.2f}s", flush=True)
     logprobs._logits = SHIFTED
     out["stage_median_s"] = {c: {k: statistics.median(v) for k, v in d.items()} for c, d in out["stage_s"].items()}
-    for case, med in out["stage_median_s"].items():
-        print(f"{case}: " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items())
-              + f"; fp32 head / shifted = {med['fp32 head'] / med['shifted bf16 head']:.2f}x")
+    out["fp32_over_shifted"] = {}
+    for case, d in out["stage_s"].items():
+        line = f"{case}: " + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in d.items())
+        if {"fp32 head", "shifted bf16 head"} <= d.keys() and len(d["fp32 head"]) > 1:
+            logs = [math.log(x / y) for x, y in zip(d["fp32 head"], d["shifted bf16 head"])]
+            mean, half = statistics.mean(logs), t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+            ratio = {"geomean": math.exp(mean), "ci95": [math.exp(mean - half), math.exp(mean + half)]}
+            out["fp32_over_shifted"][case] = ratio
+            line += f"; fp32 head / shifted = {ratio['geomean']:.2f}x (95% CI {ratio['ci95'][0]:.2f}-{ratio['ci95'][1]:.2f}x)"
+        print(line)
     Path(a.out).write_text(json.dumps(out, indent=2))
 
 

@@ -33,7 +33,7 @@ def _logits(head: torch.nn.Module, h: torch.Tensor, rows: torch.Tensor, targets:
     to |logit| (10-30 on the embedded model: steps of 0.03-0.1 in bf16, what autocast's own bf16
     head puts into every log-prob). The product is taken as [vocab, rows], with the weight as
     autocast's own argument, so a scoring pass casts it once (LM.inference). bench/head_precision.py
-    measures the error against the head in fp32; that head costs a quarter of a sonnet SFT stage's time on
+    measures the error against the head in fp32; that head made a sonnet SFT stage 1.11x slower on
     AMX, and on a GPU would run without tensor cores. Heads with a bias or wrapped by an adapter,
     and fp32 runs, use the fp32 head.
     """
