@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--top", type=int, default=0, help="also print the N symbols with most samples")
     ap.add_argument("--out", default="bench/results/perf_step.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -121,16 +122,19 @@ def main() -> None:
         rec.wait()
         report = subprocess.run(["perf", "report", "-i", str(data_file), "--no-children", "--sort", "dso,sym",
                                  "-g", "none", "--percent-limit", "0", "--stdio"], capture_output=True, text=True)
-    share = Counter()
+    share, symbols = Counter(), Counter()
     for line in report.stdout.splitlines():
         m = re.match(r"\s*([\d.]+)%\s+(\S+(?: tid \d+)?)\s+\[.\]\s+(.*)", line)
         if m:
             share[classify(m.group(2), m.group(3))] += float(m.group(1))
+            symbols[(m.group(2), m.group(3).strip()[:110])] += float(m.group(1))
     step_s = json.loads(out.strip().splitlines()[-1])["step_s"]
     total = sum(share.values())
     print(f"{a.precision} SFT step, 16 rows: {step_s:.3f} s/step; CPU samples of all threads by where they fall:")
     for cls, v in share.most_common():
         print(f"  {cls:40s} {100 * v / total:5.1f}%")
+    for (dso, sym), v in symbols.most_common(a.top):
+        print(f"  {100 * v / total:5.1f}%  {dso[:24]:24s} {sym}")
     result = {"machine": cpu_name(), "precision": a.precision, "steps": a.steps, "step_s": step_s,
               "share_percent": {k: round(100 * v / total, 2) for k, v in share.most_common()},
               "command": " ".join(["python"] + sys.argv)}

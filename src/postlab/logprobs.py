@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from . import faults
 from .cache import cache_key, load_tensors, location, lock, save_tensors
 from .data import CHUNK_ROWS, Example, ScoreBatch, Tokenized, score_batch, tokenize
-from .decoder import attention_kernel, decoder_and_head
+from .decoder import decoder_and_head
 from .models import LM
 
 log = logging.getLogger("postlab")
@@ -82,9 +82,8 @@ def decoder_hidden(body: torch.nn.Module, batch: ScoreBatch) -> torch.Tensor:
     """The decoder's last hidden states [rows, L, d] for a score batch. The mask is given ready-made
     (4D), because from a 2D padding mask, or none, transformers reads a tensor back to the host to
     decide how to build it: a sync per forward. No KV cache: nothing here generates."""
-    with attention_kernel(body, batch.input_ids):
-        return body(input_ids=batch.input_ids, attention_mask=batch.attention_mask(),
-                    position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    return body(input_ids=batch.input_ids, attention_mask=batch.attention_mask(), position_ids=batch.position_ids,
+                use_cache=False).last_hidden_state
 
 
 def _score_chunks(lm: LM, batch: ScoreBatch, chunk_rows: int, fn, extra=None, **kw) -> list:

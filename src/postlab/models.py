@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 
 from .allocator import keep_freed_memory
 from .cache import postlab_home
+from .decoder import use_postlab_attention
 from .errors import ModelError
 from .hub import is_hub_id
 
@@ -260,5 +261,6 @@ def load_lm(name: str, device: str = "auto", precision: str = "auto", trust_remo
         raise ModelError(f"cannot load model {name!r} ({path}): {str(e).splitlines()[0]} ({hint})") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    use_postlab_attention(model)
     model.to(dev)
     return LM(model, tokenizer, dev, resolve_precision(precision, dev), source, max_length)
