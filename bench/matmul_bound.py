@@ -1,0 +1,101 @@
+"""The most MFU a training step of the embedded model could reach here: its matmuls alone, at their
+own shapes, against the matmul peak, and the optimizer's fixed cost per step.
+
+    .venv/bin/python bench/matmul_bound.py                      # bf16, 848 tokens a step (16 rows of 53)
+    .venv/bin/python bench/matmul_bound.py --tokens 848,3392 --precision bf16
+
+For each token count T: every linear layer of the decoder (from the model's config) as three matmuls
+-- the forward [T, in] x [in, out], the input gradient and the weight gradient -- timed back to back
+in `--precision` for all layers (the median of `--repeats`), against the peak of a 2048^3 matmul in
+the same run. Attention's products, the LM head and everything that is not a matmul are left out,
+so the figure is an upper bound on a step's MFU at that T. Also times what every step pays whatever
+T is: gradient clipping and fused AdamW over the model's trainable fp32 weights. Prints one line per
+T and writes bench/results/matmul_bound.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from postlab.run import cpu_name
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def median_s(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """(in, out) of every nn.Linear of the decoder (the LM head excluded)."""
+    head = model.get_output_embeddings()
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", default="848,3392", help="tokens per step, comma-separated")
+    ap.add_argument("--precision", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default="bench/results/matmul_bound.json")
+    a = ap.parse_args()
+    from postlab.models import load_lm
+
+    dtype = DTYPES[a.precision]
+    lm = load_lm("smollm2-135m", device="cpu", precision="fp32")
+    shapes = linear_shapes(lm.model)
+    x, y = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    peak = 2 * 2048 ** 3 / median_s(lambda: torch.mm(x, y), a.repeats * 2)
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+
+    def optimizer_step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    optimizer_s = median_s(optimizer_step, a.repeats)
+    rows = []
+    for tokens in map(int, a.tokens.split(",")):
+        mats = []
+        for n_in, n_out in shapes:  # forward, input gradient, weight gradient
+            for m, k, n in ((tokens, n_in, n_out), (tokens, n_out, n_in), (n_out, tokens, n_in)):
+                mats.append((torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)))
+        flops = sum(2 * p.shape[0] * p.shape[1] * q.shape[1] for p, q in mats)
+
+        def matmuls():
+            for p, q in mats:
+                torch.mm(p, q)
+
+        s = median_s(matmuls, a.repeats)
+        row = {"tokens": tokens, "matmul_s": round(s, 4), "matmul_flops_per_s": flops / s,
+               "matmul_share_of_peak": round(flops / s / peak, 3),
+               "mfu_bound_with_optimizer": round(flops / (s + optimizer_s) / peak, 3)}
+        rows.append(row)
+        print(f"{tokens} tokens: decoder matmuls {s:.3f} s at {flops / s / 1e12:.2f} TFLOP/s = "
+              f"{row['matmul_share_of_peak']:.0%} of the {peak / 1e12:.2f} TFLOP/s peak; with clipping + "
+              f"AdamW ({optimizer_s:.3f} s) at most {row['mfu_bound_with_optimizer']:.0%}", flush=True)
+    result = {"machine": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "precision": a.precision, "peak_flops_per_s": peak, "optimizer_s": round(optimizer_s, 4),
+              "linear_layers": len(shapes), "rows": rows,
+              "command": "python bench/matmul_bound.py" + "".join(
+                  f" --{k} {v}" for k, v in vars(a).items() if v != ap.get_default(k))}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print(f"written to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
