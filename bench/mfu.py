@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def main() -> None:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": lm.precision,
             "matmul_params": n_matmul, "d_model": d, "vocab": vocab, "peaks_flops_per_s": peaks,
             "peaks_measured": peaks_measured,
-            "n": a.n, "batch": a.batch, "repeats": a.repeats}
+            "n": a.n, "batch": a.batch, "repeats": a.repeats, "command": " ".join(["python"] + sys.argv)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"\nprecision {lm.precision}; peak fp32 {peaks['fp32'] / 1e9:.1f}, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")

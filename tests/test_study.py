@@ -181,6 +181,29 @@ def test_plan_estimate_and_measure(tmp_path, tiny_llama, capsys):
     assert by["regime=sft-to-dpo,seed=0"].train_tokens > by["regime=sft,seed=0"].train_tokens
 
 
+@pytest.mark.auto_precision
+@pytest.mark.parametrize("flags,precision,rate,where", [
+    ({"avx2", "avx512_bf16", "amx_bf16"}, "bf16", 625, "AMX"),
+    ({"avx2", "avx512_bf16"}, "bf16", 230, "AVX-512 BF16"),
+    ({"avx2"}, "fp32", 240, "limited to AVX2"),
+])
+def test_default_throughput_follows_the_cpu_and_names_where_it_was_measured(monkeypatch, flags, precision, rate, where):
+    """Without --measure the estimate uses the default for this CPU's bf16 support (flags fixed here,
+    whatever the machine), and says which machine measured it; bf16 on a CPU without native bf16 is
+    flagged as far slower."""
+    from postlab import models
+    from postlab.config import ModelConfig
+    from postlab.estimate import default_throughput
+
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset(flags))
+    t = default_throughput(ModelConfig(name="m", device="cpu", precision="auto"))
+    assert t.tokens_per_s == rate and where in t.source and f"in {precision}" in t.source
+    assert "no native bf16" not in t.source
+    if precision == "fp32":  # bf16 stated on a CPU that lacks it
+        slow = default_throughput(ModelConfig(name="m", device="cpu", precision="bf16"))
+        assert "no native bf16" in slow.source
+
+
 def test_study_run_completes_writes_report_and_skips_on_rerun(tmp_path, tiny_llama, capsys):
     path = tiny_study(tmp_path, tiny_llama)
     out = tmp_path / "study"

@@ -22,14 +22,20 @@ class PlannedRun(Protocol):
     run_id: str
     config: RunConfig
 
-# Throughput defaults, for a ~135M-parameter model (SmolLM2-135M) with this training loop.
-# cpu: measured on a 2-core x86 machine: a full fine-tuning step of 8x128 tokens takes ~4.5 s
-# with bf16 autocast (~230 tokens/s) and ~7 s in fp32 (~145 tokens/s).
+# Throughput defaults, for a ~135M-parameter model (SmolLM2-135M) with this training loop: full
+# fine-tuning steps of 8x128 tokens as measure_throughput times them, on 2 cores (medians of 3).
+# cpu-bf16-amx: Intel Xeon with AMX, postlab 0.1.3 (~625 tokens/s; decode step 0.045 s).
+# cpu-bf16: AMD EPYC with AVX-512 BF16 and no AMX, an earlier release (~230 tokens/s).
+# cpu-fp32: the Intel Xeon limited to AVX2 (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2,
+# MKL_ENABLE_INSTRUCTIONS=AVX2), 0.1.3 (~240 tokens/s; decode step 0.076 s).
 # cuda: a rough figure for one recent data-center GPU at the small batches used here (~1-2k
 # tokens a step, so per-step overhead dominates); measure with --measure.
-DEFAULT_TOKENS_PER_S = {"cpu-bf16": 230.0, "cpu-fp32": 145.0, "cuda": 20000.0}
+DEFAULT_TOKENS_PER_S = {"cpu-bf16-amx": 625.0, "cpu-bf16": 230.0, "cpu-fp32": 240.0, "cuda": 20000.0}
 # One decode step (one new token for a batch of prompts) with the KV cache.
-DEFAULT_DECODE_STEP_S = {"cpu": 0.06, "cuda": 0.03}
+DEFAULT_DECODE_STEP_S = {"cpu-bf16-amx": 0.045, "cpu-bf16": 0.06, "cpu-fp32": 0.076, "cuda": 0.03}
+DEFAULT_MEASURED_ON = {"cpu-bf16-amx": "a 2-core Intel Xeon with AMX",
+                       "cpu-bf16": "a 2-core AMD EPYC with AVX-512 BF16",
+                       "cpu-fp32": "a 2-core Intel Xeon limited to AVX2"}
 FORWARD_COST = 1 / 3  # a forward-only token vs a training (forward+backward) token
 STAGE_OVERHEAD_S = {"cpu": 8.0, "cuda": 4.0}  # model load/save per stage
 TOKENIZER_SAMPLE = 200  # examples tokenized per data set for the token estimate
@@ -129,14 +135,16 @@ def default_throughput(m: ModelConfig) -> Throughput:
         return Throughput(DEFAULT_TOKENS_PER_S["cuda"], DEFAULT_DECODE_STEP_S["cuda"],
                           f"default for ~135M-parameter models on cuda: {DEFAULT_TOKENS_PER_S['cuda']:.0f} "
                           f"tokens/s (rough)")
-    from .models import resolve_precision
+    from .models import cpu_flags, cpu_has_fast_bf16, resolve_precision
     import torch
 
     prec = resolve_precision(m.precision, torch.device("cpu"))
-    key = "cpu-bf16" if prec == "bf16" else "cpu-fp32"
-    return Throughput(DEFAULT_TOKENS_PER_S[key], DEFAULT_DECODE_STEP_S["cpu"],
-                      f"default for ~135M-parameter models on cpu in {prec} (measured on a 2-core AVX2 "
-                      f"machine): {DEFAULT_TOKENS_PER_S[key]:.0f} tokens/s")
+    key = ("cpu-bf16-amx" if "amx_bf16" in cpu_flags() else "cpu-bf16") if prec == "bf16" else "cpu-fp32"
+    caveat = "; this CPU has no native bf16, so bf16 runs far slower (measure with --measure)" \
+        if prec == "bf16" and not cpu_has_fast_bf16() else ""
+    return Throughput(DEFAULT_TOKENS_PER_S[key], DEFAULT_DECODE_STEP_S[key],
+                      f"default for ~135M-parameter models on cpu in {prec} (measured on "
+                      f"{DEFAULT_MEASURED_ON[key]}): {DEFAULT_TOKENS_PER_S[key]:.0f} tokens/s{caveat}")
 
 
 def measure_throughput(m: ModelConfig, seq_len: int = 128, batch_size: int = 8, steps: int = 2,

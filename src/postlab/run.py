@@ -28,7 +28,7 @@ from .data import tokenize
 from .errors import ConfigError, DataError, PostlabError
 from .merge import extrapolate_in_place
 from .logprobs import cached_token_logps
-from .models import LM, load_lm
+from .models import LM, cpu_flags, load_lm
 from .objectives import get_objective, parse_args
 from .validate import output_location
 from .parameterizations import adapter_of, count_parameters, describe, prepare, save_model
@@ -61,8 +61,7 @@ def cpu_name() -> str:
         return platform.processor() or "unknown"
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                 platform.processor() or "unknown")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    native = [label for flag, label in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in flags]
+    native = [label for flag, label in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in cpu_flags()]
     return f"{name} ({', '.join(native) if native else 'no native bf16'})"
 
 
