@@ -3,6 +3,7 @@ files, and evaluate() (perplexity, chrF, seeded generation) on a tiny random mod
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -175,21 +176,60 @@ def test_evaluate_tiny_llama(tiny_llama, data_dir, monkeypatch, tmp_path):
     assert not per.specs["dev_loss"].higher_is_better and per.specs["chrf"].higher_is_better
 
 
-@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0, 8.0])
-def test_nucleus_from_top_k_keeps_the_set_transformers_top_p_keeps(scale):
-    """Peaked and flat distributions alike (flat ones need more than k tokens: the full-sort path)."""
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 0.9), (0.7, 0.9), (1.5, 0.5), (1.0, 1.0)])
+def test_sample_nucleus_draws_from_the_distribution_transformers_samples(temperature, top_p):
+    """Peaked and flat rows alike (flat ones hold less than top_p in their top k: the whole-row path).
+    fp32 scores on CPU. The drawn tokens are the nucleus transformers' temperature + top-p keeps, with
+    its renormalized probabilities."""
     import torch
-    from transformers import TopPLogitsWarper
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-    from postlab.generate import NucleusFromTopK
+    from postlab.generate import SampleNucleus
 
     torch.manual_seed(0)
-    scores = torch.randn(16, 5000) * scale
-    ref_kept = ~torch.isinf(TopPLogitsWarper(0.9)(None, scores.clone()))
-    ours = NucleusFromTopK(0.9, k=256)(None, scores.clone())
-    kept = ~torch.isinf(ours)
-    # Only a token whose preceding mass rounds to exactly top_p can differ.
-    assert ((kept != ref_kept).sum(-1) <= 1).all()
-    assert (kept != ref_kept).sum() <= 2
-    assert torch.equal(ours[kept], scores[kept])  # kept scores unchanged
-    assert (kept.sum(-1) >= 1).all()
+    scores = torch.randn(6, 40) * torch.tensor([0.3, 1.0, 2.0, 3.0, 5.0, 8.0])[:, None]
+    ref = TemperatureLogitsWarper(temperature)(None, scores.clone())
+    if top_p < 1:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    want = ref.softmax(-1)
+    sampler = SampleNucleus(temperature, top_p, k=8)
+    draws = 4000
+    counts = torch.zeros_like(scores)
+    for _ in range(draws):
+        out = sampler(None, scores)
+        finite = torch.isfinite(out)
+        assert (finite.sum(-1) == 1).all() and (out[finite] == 0).all()  # generate's argmax takes the draw
+        counts += finite
+    freq = counts / draws
+    assert (freq[want == 0] == 0).all()  # nothing outside the nucleus
+    assert (freq - want).abs().max() < 4 * (0.25 / draws) ** 0.5  # within 4 binomial standard errors
+
+
+def test_lora_generation_decodes_a_merged_copy_and_leaves_the_adapter(tiny_llama):
+    """fp32 on CPU. Greedy text of a LoRA model (B != 0) is the merged model's; the model keeps its
+    adapter and weights."""
+    import copy
+
+    import torch
+
+    from postlab.config import StageConfig
+    from postlab.generate import generate
+    from postlab.models import load_lm
+    from postlab.parameterizations import adapter_of, plain, prepare
+    from postlab.tasks.base import GenerationConfig
+
+    lm = load_lm(str(tiny_llama), device="cpu", precision="fp32")
+    lm.model, _ = prepare(lm.model, StageConfig(name="s", task={"name": "sonnets"}, objective={"name": "nll"},
+                                                parameterization={"method": "lora", "lora": {"r": 4}}).parameterization)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    merged = replace(lm, model=plain(copy.deepcopy(lm.model)))
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=2, greedy=True)
+    prompts = ["Count 1:", "Count 2: one"]
+    assert generate(lm, prompts, cfg, None) == generate(merged, prompts, cfg, None)
+    assert adapter_of(lm.model) is not None
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())

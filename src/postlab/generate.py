@@ -1,6 +1,8 @@
 """Sampling continuations (evaluation, preference pairs, teacher data): batched, seeded, left-padded."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -8,6 +10,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from typing import TYPE_CHECKING
 
 from .models import LM
+from .parameterizations import merged_copy
 
 if TYPE_CHECKING:
     from .config import GenerationConfig
@@ -17,7 +20,8 @@ if TYPE_CHECKING:
 def generate(lm: LM, prompts: list[str], cfg: GenerationConfig, desc: str | None = "generating") -> list[str]:
     """Continuations of `prompts` (text after the prompt only). The same seed gives the same text;
     the caller's RNG state is left untouched."""
-    tok, model = lm.tokenizer, lm.model
+    tok, model = lm.tokenizer, merged_copy(lm.model)  # an adapter's per-layer path: ~1/4 of a step
+    lm = replace(lm, model=model)
     was_training = model.training
     model.eval()
     out: list[str] = []
@@ -29,12 +33,12 @@ def generate(lm: LM, prompts: list[str], cfg: GenerationConfig, desc: str | None
             for s in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, disable=desc is None, leave=False):
                 enc = tok(prompts[s:s + cfg.batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(lm.device)
-                kwargs = dict(do_sample=False) if cfg.greedy else dict(
-                    do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
-                    logits_processor=LogitsProcessorList([NucleusFromTopK(cfg.top_p)]) if cfg.top_p < 1 else None)
+                # Sampling is a logits processor that leaves only the drawn token, so generate's own
+                # argmax picks it (transformers' sampling draws over the whole vocabulary each step).
+                sampler = None if cfg.greedy else LogitsProcessorList([SampleNucleus(cfg.temperature, cfg.top_p)])
                 with lm.inference():
                     ids = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id, **kwargs)
+                                         eos_token_id=tok.eos_token_id, do_sample=False, logits_processor=sampler)
                 out += tok.batch_decode(ids[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     finally:
         tok.padding_side = "right"
@@ -42,25 +46,37 @@ def generate(lm: LM, prompts: list[str], cfg: GenerationConfig, desc: str | None
     return out
 
 
-class NucleusFromTopK(LogitsProcessor):
-    """Top-p (nucleus) filtering that finds the nucleus among the `k` most likely tokens instead of
-    sorting the whole vocabulary (a full sort of 48 x 49k scores per step cost more than the model's
-    forward on CPU). Keeps the tokens whose preceding mass (in order of probability) is below top_p,
-    the set transformers' top-p keeps (up to float rounding of the mass at the boundary); a row whose
-    top `k` tokens hold less than top_p of the mass falls back to a full sort."""
+class SampleNucleus(LogitsProcessor):
+    """Draws each row's next token from the temperature-scaled distribution restricted to its nucleus
+    (the tokens transformers' top-p keeps: those whose preceding mass, in order of probability, is
+    below top_p) and returns scores that are -inf except at the drawn token. The same distribution as
+    transformers' temperature + top-p sampling at a fraction of its cost on CPU: the nucleus is found
+    among the `k` most likely tokens (only a row whose top `k` hold less than top_p of the mass is
+    sorted whole) and the draw is over the nucleus alone, where transformers sorts every row whole and
+    draws an exponential variate per vocabulary entry (together about a third of a decoding step of a
+    135M model at batch 12 on 2 CPU cores)."""
 
-    def __init__(self, top_p: float, k: int = 1024):
-        self.top_p, self.k = top_p, k
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, k: int = 1024):
+        self.temperature, self.top_p, self.k = temperature, top_p, k
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float()
-        k = min(self.k, scores.shape[-1])
-        vals, idx = scores.topk(k, dim=-1)
-        full = scores.logsumexp(-1, keepdim=True)
-        if not bool(((vals - full).exp().sum(-1) >= self.top_p).all()):
-            vals, idx = scores.sort(dim=-1, descending=True)
-        probs = (vals - full).exp()
+        logits = scores.float() / self.temperature
+        logp = logits - logits.logsumexp(-1, keepdim=True)
+        if self.top_p >= 1:
+            token = torch.multinomial(logp.exp(), 1)
+        else:
+            top_logp, top_idx = logp.topk(min(self.k, logp.shape[-1]), dim=-1)
+            short = top_logp.exp().sum(-1) < self.top_p  # these rows' nuclei reach past the top k
+            token = torch.empty(logp.shape[0], 1, dtype=torch.long, device=logp.device)
+            if not bool(short.all()):
+                token[~short] = self._draw(top_logp[~short], top_idx[~short])
+            if bool(short.any()):
+                token[short] = self._draw(*logp[short].sort(dim=-1, descending=True))
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+    def _draw(self, sorted_logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """One token per row from the nucleus of log-probs sorted in descending order (token ids `idx`)."""
+        probs = sorted_logp.exp()
         keep = (probs.cumsum(-1) - probs) < self.top_p
         keep[:, 0] = True
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, idx, vals.masked_fill(~keep, float("-inf")))
+        return idx.gather(1, torch.multinomial(probs.masked_fill(~keep, 0.0), 1))

@@ -65,6 +65,16 @@ def plain(model: torch.nn.Module) -> torch.nn.Module:
     return method.merge(model) if method is not None else model
 
 
+def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain model computing what `model` computes, leaving `model` as it is: `model` itself when it
+    carries no adapter, else a merged copy. For decoding, where an adapter's extra products and calls
+    on every token cost more than copying the weights once."""
+    import copy
+
+    method = adapter_of(model)
+    return model if method is None else method.merge(copy.deepcopy(model))
+
+
 def prepare(model: torch.nn.Module, cfg) -> tuple[torch.nn.Module, bool]:
     """(the model a stage with parameterization `cfg` trains, whether an earlier adapter was merged
     into the weights to get it: then the stage's base exists only in memory)."""
