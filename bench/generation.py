@@ -4,7 +4,8 @@ and machine, for a full model and for a LoRA adapter (trained-like: B != 0).
     .venv/bin/python bench/generation.py --repeats 3 --precision bf16 --out bench/results/generation_bf16_amx.json
 
 Cases, interleaved per repeat (so drift hits all alike), each decoding `--max-new-tokens` tokens for
-the sonnet task's held-out prompts at `--batch` prompts per call, temperature 1 and top-p 0.9:
+`--batch` sonnet prompts in one call (the 12 held-out ones first, then training ones: 12 is an
+evaluation's batch, 48 the default of preference-pair sampling), temperature 1 and top-p 0.9:
   transformers-fft   model.generate(do_sample=True, top_p=0.9): what a transformers user runs
   postlab-fft        postlab.generate.generate (nucleus drawn among the top 1024, see SampleNucleus)
   peft-lora          the PEFT model's generate(do_sample=True, top_p=0.9), adapter unmerged
@@ -46,7 +47,7 @@ def main() -> None:
 
     torch.set_num_threads(torch.get_num_threads())
     task = get_task(TaskConfig(name="sonnets", train=f"{a.data}/sonnets/sonnets.txt"))
-    prompts = [e.prompt for e in task.dev_examples()][:a.batch]
+    prompts = [e.prompt for e in task.dev_examples() + task.train_examples()][:a.batch]  # held-out ones first
     cfg = GenerationConfig(temperature=1.0, top_p=0.9, max_new_tokens=a.max_new_tokens, seed=0, batch_size=a.batch)
     fft = load_lm("smollm2-135m", precision=a.precision)
     lora_model, _ = prepare(load_lm("smollm2-135m", precision=a.precision).model, StageConfig(

@@ -205,6 +205,21 @@ def test_sample_nucleus_draws_from_the_distribution_transformers_samples(tempera
     assert (freq - want).abs().max() < 4 * (0.25 / draws) ** 0.5  # within 4 binomial standard errors
 
 
+def test_sample_nucleus_draws_the_same_tokens_whatever_k():
+    """fp32 on CPU. One uniform per row and step: rows found in the top k and rows sorted whole draw
+    what they would with any other k, so a faster nucleus search cannot change a seed's text."""
+    import torch
+
+    from postlab.generate import SampleNucleus
+
+    scores = torch.randn(8, 300, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.2, 6, 8)[:, None]
+    drawn = []
+    for k in (4, 32, 300):
+        torch.manual_seed(0)
+        drawn.append(torch.stack([SampleNucleus(0.8, 0.9, k=k)(None, scores).argmax(-1) for _ in range(50)]))
+    assert torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[1], drawn[2])
+
+
 def test_lora_generation_decodes_a_merged_copy_and_leaves_the_adapter(tiny_llama):
     """fp32 on CPU. Greedy text of a LoRA model (B != 0) is the merged model's; the model keeps its
     adapter and weights."""
