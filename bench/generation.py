@@ -7,7 +7,7 @@ Cases, interleaved per repeat (so drift hits all alike), each decoding `--max-ne
 `--batch` sonnet prompts in one call (the 12 held-out ones first, then training ones: 12 is an
 evaluation's batch, 48 the default of preference-pair sampling), temperature 1 and top-p 0.9:
   transformers-fft   model.generate(do_sample=True, top_p=0.9): what a transformers user runs
-  postlab-fft        postlab.generate.generate (nucleus drawn among the top 1024, see SampleNucleus)
+  postlab-fft        postlab.generate.generate (nucleus found among the top 256, 2048, see SampleNucleus)
   peft-lora          the PEFT model's generate(do_sample=True, top_p=0.9), adapter unmerged
   postlab-lora       postlab.generate.generate on the same PEFT model (decodes a merged copy)
 All run inside `lm.inference()` (one autocast region), so weight casts are not what differs.

@@ -50,40 +50,60 @@ class SampleNucleus(LogitsProcessor):
     """Draws each row's next token from the temperature-scaled distribution restricted to its nucleus
     (the tokens transformers' top-p keeps: those whose preceding mass, in order of probability, is
     below top_p) and returns scores that are -inf except at the drawn token. The same distribution as
-    transformers' temperature + top-p sampling at a fraction of its cost on CPU: the nucleus is found
-    among the `k` most likely tokens (only a row whose top `k` hold less than top_p of the mass is
-    sorted whole), where transformers sorts every row whole and draws an exponential variate per
-    vocabulary entry (together about a third of a decoding step of a 135M model at batch 12 on 2 CPU
-    cores). Each row draws one uniform number per step and takes the token where it falls in the
-    nucleus' cumulative mass, so which tokens a seed draws does not depend on `k` or on which rows
-    needed the whole sort."""
+    transformers' temperature + top-p sampling at a fraction of its cost on CPU: a row's nucleus is
+    looked for among its `ks[0]` most likely tokens, then (rows whose top tokens hold less than top_p
+    of the mass) among more, and only the rest are sorted whole, where transformers sorts every row
+    whole and draws an exponential variate per vocabulary entry (together about a third of a decoding
+    step of a 135M model at batch 12 on 2 CPU cores). Sampling sonnets with the 135M base model, half
+    the nuclei hold fewer than 115 tokens, 7% more than 1,024 and 1% more than 2,048. Each row draws
+    one uniform number per step and takes the token where it falls in the nucleus' cumulative mass,
+    in descending probability with ties in token-id order, so which tokens a seed draws does not
+    depend on `ks` or on where a row's nucleus was found."""
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, k: int = 1024):
-        self.temperature, self.top_p, self.k = temperature, top_p, k
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, ks: tuple[int, ...] = (256, 2048)):
+        self.temperature, self.top_p, self.ks = temperature, top_p, ks
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = scores.float() if self.temperature == 1 else scores.float() / self.temperature
         logp = logits.log_softmax(-1)
         u = torch.rand(logp.shape[0], 1, device=logp.device)
-        if self.top_p >= 1:
-            token = self._draw(logp, None, u)
-        else:
-            top_logp, top_idx = logp.topk(min(self.k, logp.shape[-1]), dim=-1)
-            short = top_logp.exp().sum(-1) < self.top_p  # these rows' nuclei reach past the top k
-            token = torch.empty_like(u, dtype=torch.long)
-            if not bool(short.all()):
-                token[~short] = self._draw(top_logp[~short], top_idx[~short], u[~short])
-            if bool(short.any()):
-                token[short] = self._draw(*logp[short].sort(dim=-1, descending=True), u[short])
-        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+        if self.top_p >= 1:  # no nucleus: the whole distribution, in vocabulary order
+            cdf = logp.exp().cumsum(-1)
+            return _only(scores, _pick(cdf, torch.full_like(u, cdf.shape[-1], dtype=torch.long), u))
+        token = torch.empty_like(u, dtype=torch.long)
+        rows = torch.arange(logp.shape[0], device=logp.device)  # rows whose nucleus is still to find
+        for k in (*(k for k in self.ks if k < logp.shape[-1]), None):
+            part = logp[rows]
+            # Candidates in descending probability, ties in token-id order (bf16 logits tie often):
+            # the order a whole row's stable sort gives, however the candidates were found.
+            top, idx = part.sort(dim=-1, descending=True, stable=True) if k is None else _by_id(*part.topk(k, dim=-1))
+            probs = top.exp()
+            cdf = probs.cumsum(-1)
+            size = ((cdf - probs) < self.top_p).sum(-1, keepdim=True).clamp(min=1)  # a prefix: the nucleus
+            # Found when the nucleus ends before the candidates' last value, so no token left out ties with it.
+            found = torch.ones_like(rows, dtype=torch.bool) if k is None else \
+                (cdf[:, -1] >= self.top_p) & (top.gather(1, size - 1)[:, 0] > top[:, -1])
+            token[rows[found]] = idx[found].gather(1, _pick(cdf[found], size[found], u[rows[found]]))
+            rows = rows[~found]
+            if len(rows) == 0:
+                break
+        return _only(scores, token)
 
-    def _draw(self, logp: torch.Tensor, idx: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
-        """Per row, the token at quantile `u` of the nucleus of log-probs `logp`: sorted in descending
-        order with token ids `idx`, or (idx None: no nucleus, the whole distribution) in vocabulary order."""
-        probs = logp.exp()
-        cdf = probs.cumsum(-1)
-        size = torch.full_like(u, cdf.shape[-1], dtype=torch.long) if idx is None else \
-            ((cdf - probs) < self.top_p).sum(-1, keepdim=True).clamp(min=1)  # a prefix of the sorted row
-        pos = torch.searchsorted(cdf, u * cdf.gather(1, size - 1), right=True)
-        pos = torch.minimum(pos, size - 1)  # (u * mass rounding onto the last cumulative value)
-        return pos if idx is None else idx.gather(1, pos)
+
+def _by_id(top: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k candidates reordered by descending value, ties by ascending token id."""
+    by_id = idx.argsort(dim=-1)
+    top, idx = top.gather(1, by_id), idx.gather(1, by_id)
+    order = top.argsort(dim=-1, descending=True, stable=True)
+    return top.gather(1, order), idx.gather(1, order)
+
+
+def _pick(cdf: torch.Tensor, size: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the position where `u` falls in the cumulative mass `cdf` of its first `size` entries."""
+    pos = torch.searchsorted(cdf, u * cdf.gather(1, size - 1), right=True)
+    return torch.minimum(pos, size - 1)  # (u * mass rounding onto the last cumulative value)
+
+
+def _only(scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """-inf everywhere but at each row's drawn token: generate's argmax takes it."""
+    return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
