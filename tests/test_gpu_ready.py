@@ -236,3 +236,29 @@ def test_a_scoring_pass_or_a_generation_casts_each_weight_once(tiny_llama):
         generate(lm, ["Count 1:", "Count 2: one"], GenerationConfig(max_new_tokens=6, batch_size=2, greedy=True), None)
     assert casts.n == len(linear)  # the head too (tied to the embedding): generation's logits are autocast's
     assert not any(p.requires_grad for p in lm.model.parameters())
+
+
+class CountDeviceWaits(CountSyncs):
+    """Host reads, and indexing by a boolean mask (on a GPU the host must learn how many it selects)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.nonzero.default or (
+                func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default)
+                and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])):
+            self.n += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def test_sampling_with_the_gpu_search_does_not_wait_for_the_device():
+    """fp32 scores on CPU. The nucleus search generate uses on a GPU (ks=(): whole rows sorted) draws a
+    token without a host read or boolean indexing; the CPU's (top-k first) needs them, which shows
+    the counter sees them."""
+    from postlab.generate import SampleNucleus
+
+    scores = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)) * 2
+    with CountDeviceWaits() as waits:
+        SampleNucleus(1.0, 0.9, ks=())(None, scores)
+    assert waits.n == 0
+    with CountDeviceWaits() as waits:
+        SampleNucleus(1.0, 0.9, ks=(16,))(None, scores)
+    assert waits.n > 0

@@ -35,7 +35,10 @@ def generate(lm: LM, prompts: list[str], cfg: GenerationConfig, desc: str | None
                           add_special_tokens=False).to(lm.device)
                 # Sampling is a logits processor that leaves only the drawn token, so generate's own
                 # argmax picks it (transformers' sampling draws over the whole vocabulary each step).
-                sampler = None if cfg.greedy else LogitsProcessorList([SampleNucleus(cfg.temperature, cfg.top_p)])
+                # (On a GPU a whole-row sort is cheap and the top-k search's boolean indexing would
+                # wait for the device at every token: ks=(). The tokens drawn are the same either way.)
+                sampler = None if cfg.greedy else LogitsProcessorList([SampleNucleus(
+                    cfg.temperature, cfg.top_p, ks=(256, 2048) if lm.device.type == "cpu" else ())])
                 with lm.inference():
                     ids = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
                                          eos_token_id=tok.eos_token_id, do_sample=False, logits_processor=sampler)
@@ -80,9 +83,11 @@ class SampleNucleus(LogitsProcessor):
             probs = top.exp()
             cdf = probs.cumsum(-1)
             size = ((cdf - probs) < self.top_p).sum(-1, keepdim=True).clamp(min=1)  # a prefix: the nucleus
+            if k is None:  # whole rows: no boolean indexing, so no host sync (on a GPU, ks=() does only this)
+                token[rows] = idx.gather(1, _pick(cdf, size, u[rows]))
+                break
             # Found when the nucleus ends before the candidates' last value, so no token left out ties with it.
-            found = torch.ones_like(rows, dtype=torch.bool) if k is None else \
-                (cdf[:, -1] >= self.top_p) & (top.gather(1, size - 1)[:, 0] > top[:, -1])
+            found = (cdf[:, -1] >= self.top_p) & (top.gather(1, size - 1)[:, 0] > top[:, -1])
             token[rows[found]] = idx[found].gather(1, _pick(cdf[found], size[found], u[rows[found]]))
             rows = rows[~found]
             if len(rows) == 0:
