@@ -27,18 +27,18 @@ def generate(lm: LM, prompts: list[str], cfg: GenerationConfig, desc: str | None
     out: list[str] = []
     tok.padding_side = "left"
     devices = [lm.device] if lm.device.type == "cuda" else []
+    # Sampling is a logits processor that leaves only the drawn token, so generate's own argmax picks
+    # it (transformers' sampling draws over the whole vocabulary each step). On a GPU a whole-row sort
+    # is cheap and the top-k search's boolean indexing would wait for the device at every token:
+    # ks=(). The tokens drawn are the same either way.
+    sampler = None if cfg.greedy else LogitsProcessorList([SampleNucleus(
+        cfg.temperature, cfg.top_p, ks=(256, 2048) if lm.device.type == "cpu" else ())])
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
             for s in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, disable=desc is None, leave=False):
                 enc = tok(prompts[s:s + cfg.batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(lm.device)
-                # Sampling is a logits processor that leaves only the drawn token, so generate's own
-                # argmax picks it (transformers' sampling draws over the whole vocabulary each step).
-                # (On a GPU a whole-row sort is cheap and the top-k search's boolean indexing would
-                # wait for the device at every token: ks=(). The tokens drawn are the same either way.)
-                sampler = None if cfg.greedy else LogitsProcessorList([SampleNucleus(
-                    cfg.temperature, cfg.top_p, ks=(256, 2048) if lm.device.type == "cpu" else ())])
                 with lm.inference():
                     ids = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
                                          eos_token_id=tok.eos_token_id, do_sample=False, logits_processor=sampler)
