@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from postlab.distributed import clip_grad_norm
 from postlab.run import cpu_name
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -113,7 +114,7 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
 
     def optimizer_step():
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip_grad_norm(params, 1.0)
         opt.step()
 
     optimizer_s = median_s(optimizer_step, a.repeats)

@@ -40,6 +40,7 @@ def steps(n: int, precision: str, data: str, ready: Path) -> float:
 
     from common import case_data
     from postlab.data import length_grouped_batches, score_batch, tokenize
+    from postlab.distributed import clip_grad_norm
     from postlab.logprobs import score
     from postlab.models import load_lm, own_trainable_weights
     from postlab.objectives import get_objective
@@ -59,7 +60,7 @@ def steps(n: int, precision: str, data: str, ready: Path) -> float:
         logps, mask = score(lm, batch)
         loss, _ = spec.fn(objective_inputs(spec, logps, mask, len(idx)), spec.args())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip_grad_norm(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
