@@ -1,2 +1,2 @@
 """postlab: post-training small language models and studying the recipes."""
-__version__ = "0.1.4"
+__version__ = "0.1.5"
