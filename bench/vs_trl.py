@@ -8,6 +8,7 @@ medians and writes bench/results/vs_trl.json.
     .venv/bin/python bench/vs_trl.py --cases sft-paraphrase --n 64 --repeats 3
     .venv/bin/python bench/vs_trl.py --isa avx2 ...                   # both tools as on an AVX2-only CPU
     .venv/bin/python bench/vs_trl.py --warm ...                       # after one untimed run in each process
+    python bench/vs_trl.py --device cuda --precision bf16 ...         # both tools on the GPU (bench/gpu/)
 
 Equal work: one epoch over the same examples; AdamW (lr, betas, eps, no weight decay), linear decay
 without warmup, gradient clipping at 1.0; fp32 unless --precision bf16; TRL without gradient
@@ -61,7 +62,7 @@ def postlab_order(raw: list, batch: int) -> list:
     return [raw[i] for b in length_grouped_batches([it.length for it in items], batch, 0, True) for i in b]
 
 
-def trl_worker(case: str, n: int, batch: int, precision: str, data: str) -> dict:
+def trl_worker(case: str, n: int, batch: int, precision: str, data: str, device: str) -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -79,7 +80,7 @@ def trl_worker(case: str, n: int, batch: int, precision: str, data: str) -> dict
     common = dict(per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=LR[kind],
                   lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                   adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, logging_steps=1, save_strategy="epoch",
-                  report_to="none", use_cpu=True, bf16=precision == "bf16", gradient_checkpointing=False,
+                  report_to="none", use_cpu=device == "cpu", bf16=precision == "bf16", gradient_checkpointing=False,
                   dataloader_num_workers=0, seed=0, max_length=None, disable_tqdm=True)
     with tempfile.TemporaryDirectory() as d:
         if kind == "sft":
@@ -97,7 +98,7 @@ def trl_worker(case: str, n: int, batch: int, precision: str, data: str) -> dict
         seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"seconds": seconds, "save_s": sum(save_s), "saves": len(save_s), "losses": losses, "examples": len(raw),
-            "steps": trainer.state.global_step, "peak_rss_mb": peak_rss_mb()}
+            "steps": trainer.state.global_step, "peak_rss_mb": peak_rss_mb(), **device_memory(device)}
 
 
 def timed(owner, name: str) -> list[float]:
@@ -114,25 +115,35 @@ def timed(owner, name: str) -> list[float]:
     return calls
 
 
-def postlab_worker(case: str, n: int, batch: int, precision: str, data: str) -> dict:
+def postlab_worker(case: str, n: int, batch: int, precision: str, data: str, device: str) -> dict:
     import postlab.train
     from common import case_data, peak_rss_mb, postlab_stage
     from postlab.models import load_lm
 
     task, kind, _, _ = CASES[case]
     raw = case_data(task, kind, n, data)
-    lm = load_lm("smollm2-135m", precision=precision)
+    lm = load_lm("smollm2-135m", device=device, precision=precision)
     save_s = timed(postlab.train, "_save")
     out = postlab_stage(lm, "nll" if kind == "sft" else "dpo", raw, batch, LR[kind], append_eos=True)
-    return {**out, "save_s": sum(save_s), "saves": len(save_s), "peak_rss_mb": peak_rss_mb()}
+    return {**out, "save_s": sum(save_s), "saves": len(save_s), "peak_rss_mb": peak_rss_mb(), **device_memory(device)}
 
 
-def measure(framework: str, case: str, n: int, batch: int, precision: str, data: str, warm: bool) -> dict:
+def device_memory(device: str) -> dict:
+    """Peak memory the GPU's caching allocator handed out in this process (nothing on the CPU)."""
+    import torch
+
+    if device == "cpu":
+        return {}
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
+def measure(framework: str, case: str, n: int, batch: int, precision: str, data: str, warm: bool, device: str) -> dict:
     """One run in a fresh interpreter; returns its JSON result."""
     from workers import run_worker
 
     return run_worker(__file__, ["--worker", framework, "--cases", case, "--n", str(n), "--batch", str(batch),
-                                 "--precision", precision, "--data", data, *(["--warm"] if warm else [])],
+                                 "--precision", precision, "--data", data, "--device", device,
+                                 *(["--warm"] if warm else [])],
                       f"{framework} {case}")
 
 
@@ -148,6 +159,8 @@ def main() -> None:
     ap.add_argument("--isa", choices=["avx2"], help="run both tools as on an AVX2-only CPU (see workers.ISA_LIMITS)")
     ap.add_argument("--warm", action="store_true",
                     help="each process trains once untimed, then the timed run with the model loaded afresh")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where both tools train (cuda: the first visible GPU; TRL as its Trainer places it)")
     ap.add_argument("--worker", choices=["trl", "postlab"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     cases = a.cases.split(",")
@@ -160,10 +173,13 @@ def main() -> None:
         import torch
 
         if a.warm:  # the same training once, untimed, in this process: what a long run's later steps see
-            fn(case, n, b, a.precision, a.data)
+            fn(case, n, b, a.precision, a.data, a.device)
             gc.collect()
+            if a.device == "cuda":  # the timed run's peak memory is its own
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
 
-        print(json.dumps({**fn(case, n, b, a.precision, a.data), "cpu_capability": torch.backends.cpu.get_cpu_capability()}))
+        print(json.dumps({**fn(case, n, b, a.precision, a.data, a.device), "cpu_capability": torch.backends.cpu.get_cpu_capability()}))
         return
 
     import torch
@@ -179,10 +195,11 @@ def main() -> None:
         runs = {"trl": [], "postlab": []}
         for r in range(a.repeats):
             for fw in runs:
-                runs[fw].append(measure(fw, case, n, b, a.precision, a.data, a.warm))
+                runs[fw].append(measure(fw, case, n, b, a.precision, a.data, a.warm, a.device))
                 m = runs[fw][-1]
                 print(f"{case} repeat {r}: {fw:8s} {m['seconds']:7.1f}s  mean loss {statistics.mean(m['losses']):.4f}"
-                      f"  peak RSS {m['peak_rss_mb']:.0f} MB", flush=True)
+                      f"  peak RSS {m['peak_rss_mb']:.0f} MB"
+                      + (f"  peak GPU {m['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in m else ""), flush=True)
         row = {"n": n, "batch": b, "runs": runs}
         for fw, rs in runs.items():
             s = statistics.median(x["seconds"] for x in rs)
@@ -194,13 +211,15 @@ def main() -> None:
                        "median_save_s": statistics.median(x["save_s"] for x in rs),
                        "mean_loss": statistics.median(statistics.mean(x["losses"]) for x in rs),
                        "final_loss": statistics.median(x["losses"][-1] for x in rs),
-                       "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs)}
+                       "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs),
+                       **({"peak_gpu_mb": statistics.median(x["peak_gpu_mb"] for x in rs)} if a.device == "cuda" else {})}
         row["speedup"] = row["trl"]["median_s"] / row["postlab"]["median_s"]
         row["speedup_without_save"] = row["trl"]["median_s_without_save"] / row["postlab"]["median_s_without_save"]
         row["paired_speedup_median"] = statistics.median(t["seconds"] / p["seconds"]
                                                          for t, p in zip(runs["trl"], runs["postlab"]))
         results[case] = row
-    meta = {"machine": cpu_name(), "cpus": os.cpu_count(),
+    meta = {"machine": cpu_name(), "cpus": os.cpu_count(), "device": a.device,
+            **({"gpu": torch.cuda.get_device_name(), "torch_cuda": torch.version.cuda} if a.device == "cuda" else {}),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": a.precision,
             "repeats": a.repeats, "command": " ".join(["python"] + sys.argv), "isa_limits": isa_env, "warm": a.warm,
             "cpu_capability": sorted({x["cpu_capability"] for row in results.values() for rs in row["runs"].values() for x in rs})}
@@ -213,6 +232,8 @@ def main() -> None:
         print(f"{case:16s} {row['n']:4d} {t['examples_per_s']:9.2f} {p['examples_per_s']:9.2f} {row['speedup']:7.2f}x "
               f"{row['speedup_without_save']:7.2f}x {t['median_save_s']:7.1f}s {p['median_save_s']:7.1f}s "
               f"{t['mean_loss']:8.4f} {p['mean_loss']:8.4f} {t['peak_rss_mb']:7.0f}M {p['peak_rss_mb']:7.0f}M")
+        if "peak_gpu_mb" in p:
+            print(f"{'':16s} peak GPU memory: TRL {t['peak_gpu_mb']:.0f} MB, postlab {p['peak_gpu_mb']:.0f} MB")
     print(f"(medians of {a.repeats}; written to {a.out})")
 
 

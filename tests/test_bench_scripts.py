@@ -3,6 +3,8 @@ and show their usage; they are not run here (they time the real model)."""
 from __future__ import annotations
 
 import importlib
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,3 +39,14 @@ def test_paired_ratios_pair_each_repeat_and_bound_their_geometric_mean(monkeypat
     assert comparisons(commits) == {"dpo: now vs past": [1.2, 1.0]}  # vs_commit.py
     same = ratio_ci([3.0, 3.0])  # no spread: the interval is the point (exp(log 3) to rounding)
     assert same["ci_low"] == same["ci_high"] and abs(same["ratio"] - 3.0) < 1e-12
+
+
+def test_the_gpu_scripts_parse_and_give_vs_trl_only_flags_it_knows():
+    """bench/gpu/check.sh runs once per lent GPU (minutes of device time): a typo there is found here."""
+    for script in sorted((BENCH / "gpu").glob("*.sh")):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    call = (BENCH / "gpu" / "check.sh").read_text().split("step vs-trl", 1)[1].split("\n\n", 1)[0]
+    usage = subprocess.run([sys.executable, str(BENCH / "vs_trl.py"), "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    given, known = set(re.findall(r"--[a-z][a-z-]*", call)), set(re.findall(r"--[a-z][a-z-]*", usage))
+    assert {"--device", "--precision", "--warm"} <= given <= known, given - known

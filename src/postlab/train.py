@@ -112,12 +112,13 @@ class StageInputs:
     def for_batch(self, idx: list[int], n_slots: int, device: torch.device) -> tuple[dict, torch.Tensor | None]:
         """(the objective's cached fields laid out like the batch's log-probs, the top-k token ids to
         score the policy at, or None)."""
-        cached = {name: cached_logps(c, idx, n_slots).to(device)
+        # non_blocking: a blocking copy to a GPU waits for the device to finish the work queued so far
+        cached = {name: cached_logps(c, idx, n_slots).to(device, non_blocking=True)
                   for name, c in (("reference", self.reference), ("teacher", self.teacher)) if c is not None}
         if self.topk is None:
             return cached, None
-        cached["topk_target"] = cached_logps(self.topk[0], idx, n_slots).to(device)
-        return cached, cached_logps(self.topk[1], idx, n_slots).to(device)
+        cached["topk_target"] = cached_logps(self.topk[0], idx, n_slots).to(device, non_blocking=True)
+        return cached, cached_logps(self.topk[1], idx, n_slots).to(device, non_blocking=True)
 
 
 @dataclass
@@ -359,7 +360,8 @@ def _forward_backward(lm: LM, plan: StagePlan, par, group: list[list[int]]) -> d
             for k, v in {"loss": loss, **m}.items():
                 values[k] = values.get(k, 0.0) + v.detach().float() * weight
             tokens += batch.n_tokens if share else 0
-    values = {"loss": values.pop("loss"), "tokens": torch.tensor(float(tokens), device=device), **values}
+    # torch.full, not torch.tensor: the value travels as a kernel argument, not as a blocking copy
+    values = {"loss": values.pop("loss"), "tokens": torch.full((), float(tokens), device=device), **values}
     if dist.world_size() > 1:  # the logged values are the whole global batch's
         keys = list(values)
         summed = dist.sum_tensor(torch.stack([values[k] for k in keys]))
