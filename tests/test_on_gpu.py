@@ -18,7 +18,7 @@ import torch
 from helpers import run_config, write_pairs
 from postlab.config import StageConfig, TaskConfig, parse_run_config
 from postlab.data import Example, score_batch, tokenize
-from postlab.logprobs import cached_token_logps, score
+from postlab.logprobs import cached_token_logps, score, token_logps
 from postlab.models import load_lm
 from postlab.objectives import get_objective
 from postlab.run import run
@@ -85,6 +85,12 @@ def test_log_probs_on_the_gpu_match_the_cpu(tiny_llama):
         assert torch.equal(got_mask.cpu(), mask)
         error = (got.cpu() - expected)[mask].abs().max().item()
         assert error < tolerance, f"{precision}: largest log-prob difference {error:.2e}"
+        # a reference pass (batches of 2) returns the same values on the host, row by row
+        with gpu.inference():
+            cached = token_logps(gpu, items, 2)
+        for b, (values,) in enumerate(cached):
+            assert values.device.type == "cpu" and len(values) == int(mask[b].sum())
+            assert torch.allclose(values, expected[b][mask[b]], atol=tolerance)
 
 
 def test_an_sft_then_dpo_run_trains_on_the_gpu_in_bf16(tiny_llama, tmp_path):

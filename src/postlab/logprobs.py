@@ -159,13 +159,15 @@ def token_logps(lm: LM, items: list, batch_size: int, desc: str | None = None, t
     n_out = 3 if topk else 1
     outs: list[list[list[torch.Tensor]]] = [[[] for _ in items] for _ in range(n_out)]
     with lm.inference():
-        for idx, logps, mask, *dist in score_all(lm, items, batch_size, desc=desc, topk=topk):
+        for idx, *scored in score_all(lm, items, batch_size, desc=desc, topk=topk):
+            # one copy to the host per output and batch: cut row by row on a GPU, each row would wait for it
+            logps, mask, *dist = (t.cpu() for t in scored)
             B = len(idx)
             for k in range(len(items[idx[0]].completions)):
                 for b, i in enumerate(idx):
                     row = k * B + b
                     for o, t in enumerate([logps, *dist]):
-                        x = t[row][mask[row]].cpu()
+                        x = t[row][mask[row]]
                         outs[o][i].append(x.to(torch.int32) if x.dtype == torch.long else x.float())
     return tuple(outs) if topk else outs[0]
 
