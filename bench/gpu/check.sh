@@ -4,15 +4,17 @@
 #
 #   run(command="bash bench/gpu/check.sh", carry=[".gpu"], timeout_s=540)
 #
-# Steps (each bounded by what is left of BUDGET seconds, default 420, so a rerun still fits a
+# Steps (each bounded by what is left of BUDGET seconds, default 480, so a rerun still fits a
 # session's 15 device minutes; a failed step is logged and the next one runs):
 #   1. setup: the carried wheels into /tmp/site, the embedded architecture with random weights as
 #      postlab's converted embedded model (prepare.sh says why), ../shared/data -> .gpu/data
 #   2. tests/test_on_gpu.py: no host synchronisation inside training steps (CUDA sync debug mode),
 #      GPU log-probs against the CPU's, an SFT -> DPO run in bf16, a stage compiled by inductor
 #   3. bench/vs_trl.py --device cuda --precision bf16 (SFT and DPO on paraphrase, postlab vs TRL)
-#   4. postlab study plan studies/sft-dpo-paper.yaml --measure (the source study's time on this GPU)
-#   5. with FULL_SUITE=1: the CPU test suite on this machine's versions of torch and transformers
+#   4. bench/mfu.py --device cuda --precision bf16 at batch 16 and 64 (MFU against the GPU's matmul peak)
+#   5. postlab study plan studies/sft-dpo-paper.yaml --measure (the source study's time on this GPU)
+#   6. with FULL_SUITE=1: the CPU test suite on this machine's versions of torch and transformers
+# ONLY="mfu study-plan" runs just those steps (a rerun on the still-warm machine: setup is quick).
 # Everything lands in $OUT (check.log, env.txt, one file per step); commit what matters under
 # bench/results/ and results/ with the command above and the GPU named.
 #
@@ -22,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-BUDGET=${BUDGET:-420}
+BUDGET=${BUDGET:-480}
 OUT=${OUT:-/tmp/postlab-gpu-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/check.log") 2>&1
@@ -32,6 +34,7 @@ END=$((SECONDS + BUDGET))
 # step NAME MAX_SECONDS COMMAND...: runs COMMAND for at most MAX_SECONDS or what is left of the budget
 step() {
   local name=$1 max=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then echo "== $name: not in ONLY"; return 0; fi
   local left=$((END - SECONDS - 5))
   ((left < max)) && max=$left
   if ((max < 20)); then echo "== $name: skipped (budget spent)"; return 0; fi
@@ -76,17 +79,22 @@ PYEOF
 cat "$OUT/env.txt"
 
 # 2. correctness on the GPU
-step gpu-tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_on_gpu.py -rs --junitxml="$OUT/gpu_tests.xml"
+step gpu-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_on_gpu.py -rs --junitxml="$OUT/gpu_tests.xml"
 
 # 3. postlab vs TRL on this device
 step vs-trl 180 $PY bench/vs_trl.py --device "$DEVICE" --precision bf16 --cases sft-paraphrase,dpo-paraphrase \
   --n "${N:-512}" --batch 16 --repeats "${REPEATS:-2}" --warm --data ../shared/data --out "$OUT/vs_trl_${DEVICE}_bf16.json"
 
-# 4. the source study's plan, measured on this device
+# 4. model FLOPs utilisation against this device's matmul peak, at the CPU configs' batch and a GPU-sized one
+step mfu 90 bash -c "set -o pipefail; for b in 16 64; do $PY bench/mfu.py --device $DEVICE --precision bf16 --n ${N:-512} --batch \$b \
+  --repeats 2 --data ../shared/data --out $OUT/mfu_${DEVICE}_bf16_batch\$b.json | tail -3 || exit 1; done"
+
+# 5. the source study's plan, measured on this device
 step study-plan 90 bash -c "$PY -m postlab study plan studies/sft-dpo-paper.yaml --measure > '$OUT/study_plan_measured.txt' 2>&1; rc=\$?; grep -A2 'total:' '$OUT/study_plan_measured.txt'; exit \$rc"
 
-# 5. the CPU suite on this machine's library versions (optional: long)
+# 6. the CPU suite on this machine's library versions (optional: long)
 if [ "${FULL_SUITE:-0}" = 1 ]; then
   step cpu-suite 400 $PY -m pytest -q -p no:cacheprovider -m "not slow" -x -n 8 tests --junitxml="$OUT/suite.xml"
 fi
 echo "== done: $((SECONDS))s of ${BUDGET}s; files in $OUT"
+sleep 1  # lets tee write the last lines
