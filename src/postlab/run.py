@@ -30,6 +30,7 @@ from .merge import extrapolate_in_place
 from .logprobs import cached_token_logps
 from .models import LM, cpu_flags, load_lm
 from .objectives import get_objective, parse_args
+from .occupancy import training_on_cpu
 from .validate import output_location
 from .parameterizations import adapter_of, count_parameters, describe, prepare, save_model
 from .preferences import build_pairs, needs_sampler
@@ -217,7 +218,10 @@ def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
             if pending is not None:
                 lm = load_lm(str(pending), m.device, m.precision, m.trust_remote_code, m.max_length)
                 pending = None
-            done, lm = run_stage(lm, cfg, i, stage, sdir, metrics, last=last)
+            on_cpu = lm.device.type == "cpu"
+            with (training_on_cpu(torch.get_num_threads(), f"{out.name}/{sdir.name}") if on_cpu
+                  else contextlib.nullcontext()):
+                done, lm = run_stage(lm, cfg, i, stage, sdir, metrics, last=last)
             stages.append(done)
             register_stage(cfg, i, sdir)
     result = {"run_id": out.name, "task": cfg.stages[-1].task.name, "metrics": stages[-1]["metrics"], "stages": stages,
