@@ -7,7 +7,7 @@
 # Steps (each bounded by what is left of BUDGET seconds, default 480, so a rerun still fits a
 # session's 15 device minutes; a failed step is logged and the next one runs):
 #   1. setup: the carried wheels into /tmp/site, the embedded architecture with random weights as
-#      postlab's converted embedded model (prepare.sh says why), ../shared/data -> .gpu/data
+#      postlab's converted embedded model (prepare.sh says why), the data from .gpu/data
 #   2. tests/test_on_gpu.py: no host synchronisation inside training steps (CUDA sync debug mode),
 #      GPU log-probs against the CPU's, an SFT -> DPO run in bf16, a stage compiled by inductor
 #   3. bench/vs_trl.py --device cuda --precision bf16 (SFT and DPO on paraphrase, postlab vs TRL)
@@ -55,7 +55,9 @@ else
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export POSTLAB_HOME=${POSTLAB_HOME:-/tmp/postlab-home}
-[ -e ../shared/data ] || { mkdir -p ../shared && ln -sfn "$PWD/.gpu/data" ../shared/data; }
+DATA=.gpu/data  # the repository's parent may not be writable there: no ../shared/data
+STUDY=/tmp/postlab-gpu-study.yaml
+sed "s#\.\./shared/data#$DATA#g" studies/sft-dpo-paper.yaml > "$STUDY"
 $PY - <<'PYEOF' || exit 4
 import os, shutil, torch
 from pathlib import Path
@@ -83,14 +85,14 @@ step gpu-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_on_gpu.py -rs
 
 # 3. postlab vs TRL on this device
 step vs-trl 180 $PY bench/vs_trl.py --device "$DEVICE" --precision bf16 --cases sft-paraphrase,dpo-paraphrase \
-  --n "${N:-512}" --batch 16 --repeats "${REPEATS:-2}" --warm --data ../shared/data --out "$OUT/vs_trl_${DEVICE}_bf16.json"
+  --n "${N:-512}" --batch 16 --repeats "${REPEATS:-2}" --warm --data "$DATA" --out "$OUT/vs_trl_${DEVICE}_bf16.json"
 
 # 4. model FLOPs utilisation against this device's matmul peak, at the CPU configs' batch and a GPU-sized one
 step mfu 90 bash -c "set -o pipefail; for b in 16 64; do $PY bench/mfu.py --device $DEVICE --precision bf16 --n ${N:-512} --batch \$b \
-  --repeats 2 --data ../shared/data --out $OUT/mfu_${DEVICE}_bf16_batch\$b.json | tail -3 || exit 1; done"
+  --repeats 2 --data $DATA --out $OUT/mfu_${DEVICE}_bf16_batch\$b.json | tail -3 || exit 1; done"
 
 # 5. the source study's plan, measured on this device
-step study-plan 90 bash -c "$PY -m postlab study plan studies/sft-dpo-paper.yaml --measure > '$OUT/study_plan_measured.txt' 2>&1; rc=\$?; grep -A2 'total:' '$OUT/study_plan_measured.txt'; exit \$rc"
+step study-plan 90 bash -c "$PY -m postlab study plan '$STUDY' --measure > '$OUT/study_plan_measured.txt' 2>&1; rc=\$?; grep -A2 'total:' '$OUT/study_plan_measured.txt'; exit \$rc"
 
 # 6. the CPU suite on this machine's library versions (optional: long)
 if [ "${FULL_SUITE:-0}" = 1 ]; then
