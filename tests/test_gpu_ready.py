@@ -11,16 +11,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import run_config, write_pairs
-from postlab.config import StageConfig, TaskConfig, parse_run_config
+from helpers import run_config, split_step_plan, write_pairs
+from postlab.config import parse_run_config
 from postlab.data import tokenize
 from postlab.errors import ConfigError, ModelError
 from postlab.models import load_lm
-from postlab.objectives import get_objective
 from postlab.run import run
 from postlab.runlog import MetricsLog
-from postlab.tasks import get_task
-from postlab.train import StagePlan, train_stage
+from postlab.train import train_stage
 
 
 class CountSyncs(TorchDispatchMode):
@@ -42,20 +40,7 @@ def test_a_training_step_does_not_wait_for_the_device(tiny_llama, tmp_path, prec
     """4 optimizer steps, each of 2 micro-batches run as 2 forwards (forward_rows), logged once at the
     end: no host read inside the steps (the one read per logged step is a bulk transfer)."""
     lm = load_lm(str(tiny_llama), device="cpu", precision=precision)
-    task = get_task(TaskConfig(name="paraphrase", train=str(write_pairs(tmp_path / "p.tsv", 32))))
-    raw = task.preference_pairs() if objective == "dpo" else task.train_examples()
-    items, _ = tokenize(raw, lm.tokenizer, 128, append_eos=False)
-    cfg = StageConfig(optim={"lr": 1e-3, "batch_size": 4, "grad_accum": 2, "forward_rows": 2}, epochs=1,
-                      eval_at_start=False, log_every=1000)
-    spec = get_objective(objective)
-    reference = None
-    if spec.needs_reference:
-        from postlab.logprobs import cached_token_logps
-
-        reference = cached_token_logps(lm, items, "reference", 8, tmp_path / "ref")
-    from postlab.train import StageInputs
-
-    plan = StagePlan(cfg, spec, spec.args(), items, tmp_path / "stage", 0, StageInputs(reference=reference))
+    plan = split_step_plan(lm, tmp_path, objective)
     counter = CountSyncs()
     with counter:
         out = train_stage(lm, plan, MetricsLog(tmp_path / "m.jsonl"), lambda step: {})

@@ -15,16 +15,14 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from helpers import run_config, write_pairs
-from postlab.config import StageConfig, TaskConfig, parse_run_config
+from helpers import run_config, split_step_plan, write_pairs
+from postlab.config import parse_run_config
 from postlab.data import Example, score_batch, tokenize
-from postlab.logprobs import cached_token_logps, score, token_logps
+from postlab.logprobs import score, token_logps
 from postlab.models import load_lm
-from postlab.objectives import get_objective
 from postlab.run import run
 from postlab.runlog import MetricsLog
-from postlab.tasks import get_task
-from postlab.train import StageInputs, StagePlan, train_stage
+from postlab.train import train_stage
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (bench/gpu/check.sh runs these on one)")
@@ -55,14 +53,7 @@ def test_training_steps_on_the_gpu_never_wait_for_it(tiny_llama, tmp_path, monke
                 return _fn(*args, **kw)
         monkeypatch.setattr(train, name, strict)
     lm = load_lm(str(tiny_llama), device="cuda", precision=precision)
-    task = get_task(TaskConfig(name="paraphrase", train=str(write_pairs(tmp_path / "p.tsv", 32))))
-    raw = task.preference_pairs() if objective == "dpo" else task.train_examples()
-    items, _ = tokenize(raw, lm.tokenizer, 128, append_eos=False)
-    cfg = StageConfig(optim={"lr": 1e-3, "batch_size": 4, "grad_accum": 2, "forward_rows": 2}, epochs=1,
-                      eval_at_start=False, log_every=1000)
-    spec = get_objective(objective)
-    reference = cached_token_logps(lm, items, "reference", 8, tmp_path / "ref") if spec.needs_reference else None
-    plan = StagePlan(cfg, spec, spec.args(), items, tmp_path / "stage", 0, StageInputs(reference=reference))
+    plan = split_step_plan(lm, tmp_path, objective)
     out = train_stage(lm, plan, MetricsLog(tmp_path / "m.jsonl"), lambda step: {})
     assert out["steps"] == 4
     losses = [json.loads(x)["loss"] for x in (tmp_path / "m.jsonl").read_text().splitlines() if '"train"' in x]
