@@ -218,13 +218,16 @@ def main() -> None:
         row["paired_speedup_median"] = statistics.median(t["seconds"] / p["seconds"]
                                                          for t, p in zip(runs["trl"], runs["postlab"]))
         results[case] = row
-    meta = {"machine": cpu_name(), "cpus": os.cpu_count(), "device": a.device,
-            **({"gpu": torch.cuda.get_device_name(), "torch_cuda": torch.version.cuda} if a.device == "cuda" else {}),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": a.precision,
-            "repeats": a.repeats, "command": " ".join(["python"] + sys.argv), "isa_limits": isa_env, "warm": a.warm,
-            "cpu_capability": sorted({x["cpu_capability"] for row in results.values() for rs in row["runs"].values() for x in rs})}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        # written after every case (a run stopped by a time limit keeps the cases it finished)
+        meta = {"machine": cpu_name(), "cpus": os.cpu_count(), "device": a.device,
+                **({"gpu": torch.cuda.get_device_name(), "torch_cuda": torch.version.cuda} if a.device == "cuda" else {}),
+                "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": a.precision,
+                "repeats": a.repeats, "command": " ".join(["python"] + sys.argv), "isa_limits": isa_env, "warm": a.warm,
+                "complete": len(results) == len(cases),
+                "cpu_capability": sorted({x["cpu_capability"] for row in results.values()
+                                          for rs in row["runs"].values() for x in rs})}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"\n{'case':16s} {'n':>4s} {'TRL ex/s':>9s} {'ours ex/s':>9s} {'ours/TRL':>8s} {'w/o save':>8s} "
           f"{'TRL save':>8s} {'our save':>8s} {'TRL loss':>8s} {'our loss':>8s} {'TRL RSS':>8s} {'our RSS':>8s}")
     for case, row in results.items():

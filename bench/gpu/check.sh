@@ -2,9 +2,9 @@
 # The GPU checks of issue 17 in one prepared run on a lent GPU machine (the `device` tool), within a
 # time budget, most important first. Prepare here with bench/gpu/prepare.sh, then one device call:
 #
-#   run(command="bash bench/gpu/check.sh", carry=[".gpu"], timeout_s=540)
+#   run(command="bash bench/gpu/check.sh", carry=[".gpu"], timeout_s=560)
 #
-# Steps (each bounded by what is left of BUDGET seconds, default 480, so a rerun still fits a
+# Steps (each bounded by what is left of BUDGET seconds, default 510, so a rerun still fits a
 # session's 15 device minutes; a failed step is logged and the next one runs):
 #   1. setup: the carried wheels into /tmp/site, the embedded architecture with random weights as
 #      postlab's converted embedded model (prepare.sh says why), the data from .gpu/data
@@ -24,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-BUDGET=${BUDGET:-480}
+BUDGET=${BUDGET:-510}
 OUT=${OUT:-/tmp/postlab-gpu-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/check.log") 2>&1
@@ -84,7 +84,7 @@ cat "$OUT/env.txt"
 step gpu-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_on_gpu.py -rs --junitxml="$OUT/gpu_tests.xml"
 
 # 3. postlab vs TRL on this device
-step vs-trl 180 $PY bench/vs_trl.py --device "$DEVICE" --precision bf16 --cases sft-paraphrase,dpo-paraphrase \
+step vs-trl 210 $PY bench/vs_trl.py --device "$DEVICE" --precision bf16 --cases sft-paraphrase,dpo-paraphrase \
   --n "${N:-512}" --batch 16 --repeats "${REPEATS:-2}" --warm --data "$DATA" --out "$OUT/vs_trl_${DEVICE}_bf16.json"
 
 # 4. model FLOPs utilisation against this device's matmul peak, at the CPU configs' batch and a GPU-sized one
@@ -92,7 +92,7 @@ step mfu 90 bash -c "set -o pipefail; for b in 16 64; do $PY bench/mfu.py --devi
   --repeats 2 --data $DATA --out $OUT/mfu_${DEVICE}_bf16_batch\$b.json | tail -3 || exit 1; done"
 
 # 5. the source study's plan, measured on this device
-step study-plan 90 bash -c "$PY -m postlab study plan '$STUDY' --measure > '$OUT/study_plan_measured.txt' 2>&1; rc=\$?; grep -A2 'total:' '$OUT/study_plan_measured.txt'; exit \$rc"
+step study-plan 60 bash -c "$PY -m postlab study plan '$STUDY' --measure > '$OUT/study_plan_measured.txt' 2>&1; rc=\$?; grep -A2 'total:' '$OUT/study_plan_measured.txt'; exit \$rc"
 
 # 6. the CPU suite on this machine's library versions (optional: long)
 if [ "${FULL_SUITE:-0}" = 1 ]; then
