@@ -4,6 +4,8 @@ the matrix multiplications run compared with this machine's measured matmul peak
     .venv/bin/python bench/profile_step.py                          # SFT, paraphrase, batch 16
     .venv/bin/python bench/profile_step.py --kind dpo --task sonnets --batch 8
     .venv/bin/python bench/profile_step.py --precision bf16          # bf16 autocast, against the bf16 peak
+    python bench/profile_step.py --device cuda --precision bf16 --out bench/results/profile_sft_cuda.json
+                                # on a GPU: also its kernel time per step (how busy the GPU is) and launches
 
 Profiles `--steps` training steps after one warm-up step, through the same `train_stage` a run uses.
 Writes bench/results/profile_<kind>_<task>[_bf16].json (and a Chrome trace with --trace).
@@ -35,6 +37,9 @@ CLASSES = [  # (class, regex over aten op names), first match wins
 ]
 
 
+GEMM_KERNELS = r"gemm|cutlass|xmma|nvjet|matmul"  # cuBLAS/cuBLASLt kernel names (nvjet: Hopper's)
+
+
 def classify(name: str) -> str:
     for cls, pat in CLASSES:
         if re.search(pat, name):
@@ -51,16 +56,21 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--out", default=None, help="default bench/results/profile_<kind>_<task>[_bf16].json")
     a = ap.parse_args()
 
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
-    peak = matmul_peak(dtype, n=1024 if a.precision == "bf16" else 2048)
-    lm = load_lm("smollm2-135m", precision=a.precision)
+    gpu = a.device == "cuda"
+    peak = matmul_peak(dtype, n=8192 if gpu else 1024 if a.precision == "bf16" else 2048, device=a.device)
+    lm = load_lm("smollm2-135m", device=a.device, precision=a.precision)
     raw = case_data(a.task, a.kind, a.batch * (a.steps + 1), a.data)
     objective = "nll" if a.kind == "sft" else "dpo"
     # Warm-up step outside the profile (allocator, first-call costs), then the profiled steps.
-    postlab_stage(load_lm("smollm2-135m", precision=a.precision), objective, raw[:a.batch], a.batch, 1e-5, append_eos=True)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
+    postlab_stage(load_lm("smollm2-135m", device=a.device, precision=a.precision), objective, raw[:a.batch], a.batch,
+                  1e-5, append_eos=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities, record_shapes=True, with_flops=True) as prof:
         out = postlab_stage(lm, objective, raw, a.batch, 1e-5, append_eos=True)
     events = prof.key_averages()
     by_class: dict[str, float] = defaultdict(float)
@@ -79,8 +89,18 @@ def main() -> None:
               "matmul_flops_per_s": matmul_flops / max(by_class["matmul"], 1e-9), "peak_flops_per_s": peak,
               "top_ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count}
                           for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]]}
+    if gpu:  # on a GPU the aten ops' times are the host's launch work; the GPU's is its kernels' time
+        kernels = [e for e in events if e.device_type.name == "CUDA"]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        gemm = sum(e.self_device_time_total for e in kernels if re.search(GEMM_KERNELS, e.key, re.I)) / 1e6
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        result.update(gpu=torch.cuda.get_device_name(), gpu_kernel_s=busy, gpu_busy_fraction=busy / total,
+                      gpu_gemm_s=gemm, matmul_flops_per_s=matmul_flops / max(gemm, 1e-9),
+                      kernel_launches_per_step=launches / out["steps"],
+                      top_kernels=[{"kernel": e.key[:120], "s": e.self_device_time_total / 1e6, "calls": e.count}
+                                   for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]])
     suffix = "_bf16" if a.precision == "bf16" else ""
-    path = Path(f"bench/results/profile_{a.kind}_{a.task}{suffix}.json")
+    path = Path(a.out or f"bench/results/profile_{a.kind}_{a.task}{suffix}.json")
     path.write_text(json.dumps(result, indent=2))
     if a.trace:
         prof.export_chrome_trace(str(path.with_suffix(".trace.json")))
@@ -88,6 +108,9 @@ def main() -> None:
           f"{ops:.1f} s in aten ops (self time)")
     for cls, s in rows:
         print(f"  {cls:32s} {s:7.2f} s  {100 * s / ops:5.1f}%")
+    if gpu:
+        print(f"GPU kernels {busy:.2f} s of {total:.2f} s wall ({100 * busy / total:.0f}% busy, the rest waits on the "
+              f"host); {launches / out['steps']:.0f} kernel launches per step; (above: the host's time per op)")
     print(f"matmuls: {matmul_flops / 1e9:.0f} GFLOP at {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s = "
           f"{100 * result['matmul_flops_per_s'] / peak:.0f}% of the measured {a.precision} peak ({peak / 1e9:.1f} GFLOP/s)")
     print(f"written to {path}")

@@ -2,9 +2,9 @@
 # The GPU checks of issue 17 in one prepared run on a lent GPU machine (the `device` tool), within a
 # time budget, most important first. Prepare here with bench/gpu/prepare.sh, then one device call:
 #
-#   run(command="bash bench/gpu/check.sh", carry=[".gpu"], timeout_s=560)
+#   run(command="bash bench/gpu/check.sh", carry=[".gpu"], timeout_s=580)
 #
-# Steps (each bounded by what is left of BUDGET seconds, default 510, so a rerun still fits a
+# Steps (each bounded by what is left of BUDGET seconds, default 540, so a rerun still fits a
 # session's 15 device minutes; a failed step is logged and the next one runs):
 #   1. setup: the carried wheels into /tmp/site, the embedded architecture with random weights as
 #      postlab's converted embedded model (prepare.sh says why), the data from .gpu/data
@@ -12,10 +12,11 @@
 #      GPU log-probs against the CPU's, an SFT -> DPO run in bf16, a stage compiled by inductor
 #   3. bench/vs_trl.py --device cuda --precision bf16 (SFT and DPO on paraphrase, postlab vs TRL)
 #   4. bench/mfu.py --device cuda --precision bf16 at batch 16 and 64 (MFU against the GPU's matmul peak)
-#   5. postlab study plan studies/sft-dpo-paper.yaml --measure (the source study's time on this GPU)
-#   6. with FULL_SUITE=1: the CPU test suite on this machine's versions of torch and transformers
+#   5. bench/profile_step.py --device cuda --precision bf16 (GPU busy fraction, kernel launches per step)
+#   6. postlab study plan studies/sft-dpo-paper.yaml --measure (the source study's time on this GPU)
+#   7. with FULL_SUITE=1: the CPU test suite on this machine's versions of torch and transformers
 # ONLY="mfu study-plan" runs just those steps (a rerun on the still-warm machine: setup is quick).
-# Everything lands in $OUT (check.log, env.txt, one file per step); commit what matters under
+# Everything lands in $OUT (check.log with the versions, one file per step: at most 8); commit what matters under
 # bench/results/ and results/ with the command above and the GPU named.
 #
 # A dry run here, on the CPU (checks the script, not the GPU):
@@ -24,7 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-BUDGET=${BUDGET:-510}
+BUDGET=${BUDGET:-540}
 OUT=${OUT:-/tmp/postlab-gpu-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/check.log") 2>&1
@@ -77,8 +78,7 @@ PYEOF
   date -u; uname -a; nvidia-smi 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import torch, transformers, peft, accelerate, trl, pydantic; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'trl', trl.__version__, 'pydantic', pydantic.__version__); print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
   cat .gpu/commit.txt
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} 2>&1
 
 # 2. correctness on the GPU
 step gpu-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_on_gpu.py -rs --junitxml="$OUT/gpu_tests.xml"
@@ -91,10 +91,14 @@ step vs-trl 210 $PY bench/vs_trl.py --device "$DEVICE" --precision bf16 --cases 
 step mfu 90 bash -c "set -o pipefail; for b in 16 64; do $PY bench/mfu.py --device $DEVICE --precision bf16 --n ${N:-512} --batch \$b \
   --repeats 2 --data $DATA --out $OUT/mfu_${DEVICE}_bf16_batch\$b.json | tail -3 || exit 1; done"
 
-# 5. the source study's plan, measured on this device
+# 5. where a bf16 SFT step's time goes on this device: GPU busy fraction, kernel launches per step
+step profile 60 $PY bench/profile_step.py --device "$DEVICE" --precision bf16 --batch 16 --steps 3 --data "$DATA" \
+  --out "$OUT/profile_sft_${DEVICE}_bf16.json"
+
+# 6. the source study's plan, measured on this device
 step study-plan 60 bash -c "$PY -m postlab study plan '$STUDY' --measure > '$OUT/study_plan_measured.txt' 2>&1; rc=\$?; grep -A2 'total:' '$OUT/study_plan_measured.txt'; exit \$rc"
 
-# 6. the CPU suite on this machine's library versions (optional: long)
+# 7. the CPU suite on this machine's library versions (optional: long)
 if [ "${FULL_SUITE:-0}" = 1 ]; then
   step cpu-suite 400 $PY -m pytest -q -p no:cacheprovider -m "not slow" -x -n 8 tests --junitxml="$OUT/suite.xml"
 fi
