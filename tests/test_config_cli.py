@@ -135,6 +135,23 @@ def test_precision_auto_follows_the_cpu_and_stated_precisions_do_not(monkeypatch
         assert models.resolve_precision(stated, torch.device("cpu")) == stated
 
 
+@pytest.mark.parametrize("fast_bf16,precision,warned", [(False, "bf16", True), (True, "bf16", False),
+                                                        (False, "fp32", False)])
+def test_stated_bf16_on_a_cpu_without_native_bf16_is_warned(monkeypatch, caplog, tiny_llama, fast_bf16, precision,
+                                                           warned):
+    """bf16 stated on a CPU that emulates it (an AVX2-only CPU: ~150x slower matmuls than fp32) trains, with a
+    warning that says so and what to set; CPU flags fixed here, device cpu."""
+    import logging
+
+    from postlab import models
+
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: fast_bf16)
+    with caplog.at_level(logging.WARNING, logger="postlab"):
+        lm = models.load_lm(str(tiny_llama), device="cpu", precision=precision)
+    assert lm.precision == precision
+    assert ("no native bf16" in caplog.text and "model.precision to auto" in caplog.text) == warned
+
+
 def test_a_test_that_relies_on_precision_auto_fails_loudly(tiny_llama):
     """The suite's guard (conftest.precision_must_be_stated): no test depends on what auto resolves to."""
     from postlab.models import load_lm

@@ -268,4 +268,10 @@ def load_lm(name: str, device: str = "auto", precision: str = "auto", trust_remo
         model.config.pad_token_id = tokenizer.pad_token_id
     use_postlab_attention(model)
     model.to(dev)
-    return LM(model, tokenizer, dev, resolve_precision(precision, dev), source, max_length)
+    resolved = resolve_precision(precision, dev)
+    if resolved == "bf16" and dev.type == "cpu" and not cpu_has_fast_bf16():
+        # measured on a 2-core AVX2 EPYC: bf16 matmuls 0.9 GFLOP/s, fp32 138 (bench/results/mfu_fp32_avx2_real_v015.json)
+        log.warning("model.precision is bf16 but this CPU has no native bf16 (no AVX-512 BF16 or AMX): its bf16 "
+                    "matmuls are emulated, over 100x slower than fp32. Set model.precision to auto (fp32 here) "
+                    "unless you need bf16 numerics.")
+    return LM(model, tokenizer, dev, resolved, source, max_length)
