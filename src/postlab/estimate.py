@@ -26,16 +26,17 @@ class PlannedRun(Protocol):
 # fine-tuning steps of 8x128 tokens as measure_throughput times them, on 2 cores (medians of 3).
 # cpu-bf16-amx: Intel Xeon with AMX, postlab 0.1.3 (~625 tokens/s; decode step 0.045 s).
 # cpu-bf16: AMD EPYC with AVX-512 BF16 and no AMX, an earlier release (~230 tokens/s).
-# cpu-fp32: the Intel Xeon limited to AVX2 (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2,
-# MKL_ENABLE_INSTRUCTIONS=AVX2), 0.1.3 (~240 tokens/s; decode step 0.076 s).
+# cpu-fp32: a 2-core AMD EPYC with AVX2 only, postlab 0.1.5 (~123 tokens/s; decode step 0.159 s;
+# `make demo` there took 14.6 min; these figures estimate 15). The Intel Xeon limited to AVX2
+# (ATEN_CPU_CAPABILITY=avx2 etc.) gave 240 and 0.076 s at 0.1.3: same ISA, twice as fast a machine.
 # cuda: a rough figure for one recent data-center GPU at the small batches used here (~1-2k
 # tokens a step, so per-step overhead dominates); measure with --measure.
-DEFAULT_TOKENS_PER_S = {"cpu-bf16-amx": 625.0, "cpu-bf16": 230.0, "cpu-fp32": 240.0, "cuda": 20000.0}
+DEFAULT_TOKENS_PER_S = {"cpu-bf16-amx": 625.0, "cpu-bf16": 230.0, "cpu-fp32": 123.0, "cuda": 20000.0}
 # One decode step (one new token for a batch of prompts) with the KV cache.
-DEFAULT_DECODE_STEP_S = {"cpu-bf16-amx": 0.045, "cpu-bf16": 0.06, "cpu-fp32": 0.076, "cuda": 0.03}
+DEFAULT_DECODE_STEP_S = {"cpu-bf16-amx": 0.045, "cpu-bf16": 0.06, "cpu-fp32": 0.159, "cuda": 0.03}
 DEFAULT_MEASURED_ON = {"cpu-bf16-amx": "a 2-core Intel Xeon with AMX",
                        "cpu-bf16": "a 2-core AMD EPYC with AVX-512 BF16",
-                       "cpu-fp32": "a 2-core Intel Xeon limited to AVX2"}
+                       "cpu-fp32": "a 2-core AMD EPYC with AVX2 only"}
 FORWARD_COST = 1 / 3  # a forward-only token vs a training (forward+backward) token
 STAGE_OVERHEAD_S = {"cpu": 8.0, "cuda": 4.0}  # model load/save per stage
 TOKENIZER_SAMPLE = 200  # examples tokenized per data set for the token estimate
