@@ -40,6 +40,21 @@ CLASSES = [  # (class, regex over aten op names), first match wins
 GEMM_KERNELS = r"gemm|cutlass|xmma|nvjet|matmul"  # cuBLAS/cuBLASLt kernel names (nvjet: Hopper's)
 
 
+def matmul_flops(name: str, shapes: list) -> float:
+    """FLOPs of one call of a matmul op from its input shapes (record_shapes). Counted here rather than
+    by the profiler's with_flops, which slowed the profiled stage by half and its elementwise ops
+    several-fold (aten::mul 1.2 -> 9.4 s in an fp32 SFT stage on an AVX2 CPU), skewing the breakdown."""
+    if name in ("aten::addmm", "aten::baddbmm"):
+        shapes = shapes[1:]  # the added input comes first
+    if name in ("aten::mm", "aten::addmm") and len(shapes) >= 2 and len(shapes[0]) == 2:
+        (m, k), n = shapes[0], shapes[1][-1]
+        return 2.0 * m * k * n
+    if name in ("aten::bmm", "aten::baddbmm") and len(shapes) >= 2 and len(shapes[0]) == 3:
+        (b, m, k), n = shapes[0], shapes[1][-1]
+        return 2.0 * b * m * k * n
+    return 0.0  # matmul/linear decompose into mm/bmm, which are counted
+
+
 def classify(name: str) -> str:
     for cls, pat in CLASSES:
         if re.search(pat, name):
@@ -62,7 +77,8 @@ def main() -> None:
 
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
     gpu = a.device == "cuda"
-    peak = matmul_peak(dtype, n=8192 if gpu else 1024 if a.precision == "bf16" else 2048, device=a.device)
+    peak_n = 8192 if gpu else 1024 if a.precision == "bf16" else 2048
+    peak = matmul_peak(dtype, n=peak_n, device=a.device)
     lm = load_lm("smollm2-135m", device=a.device, precision=a.precision)
     raw = case_data(a.task, a.kind, a.batch * (a.steps + 1), a.data)
     objective = "nll" if a.kind == "sft" else "dpo"
@@ -70,23 +86,22 @@ def main() -> None:
     postlab_stage(load_lm("smollm2-135m", device=a.device, precision=a.precision), objective, raw[:a.batch], a.batch,
                   1e-5, append_eos=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    with profile(activities=activities, record_shapes=True, with_flops=True) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         out = postlab_stage(lm, objective, raw, a.batch, 1e-5, append_eos=True)
+    # the peak again after the stage, the higher one kept: a VM's speed drifts within minutes
+    peak = max(peak, matmul_peak(dtype, n=peak_n, device=a.device))
     events = prof.key_averages()
     by_class: dict[str, float] = defaultdict(float)
-    matmul_flops = 0.0
     for e in events:
-        if not e.key.startswith("aten::"):
-            continue
-        by_class[classify(e.key)] += e.self_cpu_time_total / 1e6
-        if classify(e.key) == "matmul":
-            matmul_flops += e.flops or 0.0
+        if e.key.startswith("aten::"):
+            by_class[classify(e.key)] += e.self_cpu_time_total / 1e6
+    flops = sum(e.count * matmul_flops(e.key, e.input_shapes) for e in prof.key_averages(group_by_input_shape=True))
     total = out["seconds"]
     ops = sum(by_class.values())
     rows = sorted(by_class.items(), key=lambda kv: -kv[1])
     result = {"machine": cpu_name(), "kind": a.kind, "task": a.task, "precision": a.precision, "batch": a.batch, "steps": out["steps"], "wall_s": total,
-              "aten_self_s": ops, "by_class_s": dict(rows), "matmul_flops": matmul_flops,
-              "matmul_flops_per_s": matmul_flops / max(by_class["matmul"], 1e-9), "peak_flops_per_s": peak,
+              "aten_self_s": ops, "by_class_s": dict(rows), "matmul_flops": flops,
+              "matmul_flops_per_s": flops / max(by_class["matmul"], 1e-9), "peak_flops_per_s": peak,
               "top_ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count}
                           for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]]}
     if gpu:  # on a GPU the aten ops' times are the host's launch work; the GPU's is its kernels' time
@@ -95,7 +110,7 @@ def main() -> None:
         gemm = sum(e.self_device_time_total for e in kernels if re.search(GEMM_KERNELS, e.key, re.I)) / 1e6
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
         result.update(gpu=torch.cuda.get_device_name(), gpu_kernel_s=busy, gpu_busy_fraction=busy / total,
-                      gpu_gemm_s=gemm, matmul_flops_per_s=matmul_flops / max(gemm, 1e-9),
+                      gpu_gemm_s=gemm, matmul_flops_per_s=flops / max(gemm, 1e-9),
                       kernel_launches_per_step=launches / out["steps"],
                       top_kernels=[{"kernel": e.key[:120], "s": e.self_device_time_total / 1e6, "calls": e.count}
                                    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]])
@@ -111,7 +126,7 @@ def main() -> None:
     if gpu:
         print(f"GPU kernels {busy:.2f} s of {total:.2f} s wall ({100 * busy / total:.0f}% busy, the rest waits on the "
               f"host); {launches / out['steps']:.0f} kernel launches per step; (above: the host's time per op)")
-    print(f"matmuls: {matmul_flops / 1e9:.0f} GFLOP at {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+    print(f"matmuls: {flops / 1e9:.0f} GFLOP at {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s = "
           f"{100 * result['matmul_flops_per_s'] / peak:.0f}% of the measured {a.precision} peak ({peak / 1e9:.1f} GFLOP/s)")
     print(f"written to {path}")
 
