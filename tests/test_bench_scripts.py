@@ -50,3 +50,24 @@ def test_the_gpu_scripts_parse_and_give_vs_trl_only_flags_it_knows():
                            check=True).stdout
     given, known = set(re.findall(r"--[a-z][a-z-]*", call)), set(re.findall(r"--[a-z][a-z-]*", usage))
     assert {"--device", "--precision", "--warm"} <= given <= known, given - known
+
+
+def test_profile_counts_matmul_flops_from_shapes_as_the_profiler_would(monkeypatch):
+    """bench/profile_step.py counts matmul FLOPs from recorded shapes (the profiler's own counting slows
+    the ops it profiles); on mm, addmm, bmm and baddbmm the count equals torch.profiler's. fp32, CPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from profile_step import matmul_flops
+
+    a, b, bias = torch.randn(5, 7), torch.randn(7, 3), torch.randn(3)
+    x, y, z = torch.randn(2, 5, 7), torch.randn(2, 7, 4), torch.randn(2, 5, 4)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
+        torch.mm(a, b), torch.addmm(bias, a, b), torch.bmm(x, y), torch.baddbmm(z, x, y)
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in
+              ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")]
+    assert {e.key for e in events} == {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+    for e in events:
+        assert matmul_flops(e.key, e.input_shapes) == e.flops / e.count > 0, e.key
+    assert matmul_flops("aten::mm", [[5, 7], [7, 3]]) == 2 * 5 * 7 * 3
