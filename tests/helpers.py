@@ -55,8 +55,14 @@ def split_step_plan(lm, tmp_path: Path, objective: str):
     return StagePlan(cfg, spec, spec.args(), items, tmp_path / "stage", 0, StageInputs(reference=reference))
 
 
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "0-sft" / "checkpoint" / "trainable.safetensors"))
+def final_weights(out: Path, stage: str = "0-sft") -> dict[str, torch.Tensor]:
+    """A finished stage's trained weights: its model/ (a full model or an adapter) when it wrote one
+    (then its checkpoint is gone), else its checkpoint's trainable weights."""
+    model = out / stage / "model"
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        if (model / name).is_file():
+            return load_file(str(model / name))
+    return load_file(str(out / stage / "checkpoint" / "trainable.safetensors"))
 
 def outcome(run_dir: Path) -> dict:
     """Final weights (hashes of every model file) and metrics, without wall-clock fields."""

@@ -75,7 +75,10 @@ def _completed(tmp: Path, model: Path, good: Path, objective: str = "nll") -> Pa
 
 
 def corrupt_resume_checkpoint(tmp: Path, model: Path, good: Path):
-    cfg = _completed(tmp, model, good)
+    tree = good_config(model, good, tmp / "run")
+    tree["stages"][0]["save_model"] = False  # the finished stage keeps its checkpoint (no model/ holds its weights)
+    cfg = write_config(tmp / "c.yaml", tree)
+    assert train(cfg) == 0
     run = tmp / "run"
     for f in (run / "result.json", run / "0-sft" / "done.json"):
         f.unlink()  # as if killed before the stage was marked done

@@ -13,7 +13,7 @@ from postlab.models import load_lm
 from postlab.run import run
 from postlab.tasks import get_task
 
-from helpers import run_config, write_pairs
+from helpers import final_weights, run_config, write_pairs
 
 
 def test_tiny_dpo_reward_accuracy_rises_above_09(tiny_llama, tmp_path):
@@ -61,7 +61,6 @@ def test_resume_across_the_stage_boundary(tiny_llama, tmp_path, method, precisio
     the reference cache and ends with the same weights as an uninterrupted run: bit-identical in fp32
     and in bf16, on the machine that runs both."""
     import torch
-    from safetensors.torch import load_file
 
     import postlab.train as train_mod
 
@@ -91,8 +90,7 @@ def test_resume_across_the_stage_boundary(tiny_llama, tmp_path, method, precisio
     assert (tmp_path / "part" / "0-sft" / "done.json").is_file()
     assert not (tmp_path / "part" / "1-dpo" / "done.json").exists()
     run(config(tmp_path / "part"), resume=True)
-    a = load_file(str(tmp_path / "full" / "1-dpo" / "checkpoint" / "trainable.safetensors"))
-    b = load_file(str(tmp_path / "part" / "1-dpo" / "checkpoint" / "trainable.safetensors"))
+    a, b = final_weights(tmp_path / "full", "1-dpo"), final_weights(tmp_path / "part", "1-dpo")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full = json.loads((tmp_path / "full" / "result.json").read_text())
     part = json.loads((tmp_path / "part" / "result.json").read_text())
@@ -131,7 +129,7 @@ def test_pairs_split_into_row_limited_forwards_give_the_same_step(tiny_llama, tm
                         "objective": {"name": "dpo", "beta": 0.1}, "group_by_length": False, "log_every": 1,
                         "optim": {"lr": lr, "batch_size": 4, "forward_rows": forward_rows}}]}))
         logged = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
-        return load_file(str(out / "0-dpo" / "checkpoint" / "trainable.safetensors")), logged
+        return final_weights(out, "0-dpo"), logged
 
     (split, log_split), (whole, log_whole) = weights("split", None), weights("whole", 8)  # 4 rows a forward vs 8
     start = load_file(str(next(tiny_llama.glob("*.safetensors"))))

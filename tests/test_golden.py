@@ -36,7 +36,9 @@ def tiny_run(model: Path, out: Path, data: Path, method: str) -> dict:
     stage = {"name": "sft", "task": {"name": "paraphrase", "train": str(data), "dev": str(data), "dev_limit": 8},
              "objective": {"name": "nll"}, "parameterization": {"method": method, "lora": {"r": 4, "dropout": 0.0}},
              "optim": {"lr": 1e-3, "batch_size": 4}, "epochs": 1, "log_every": 1}
-    dpo = {**stage, "name": "dpo", "objective": {"name": "dpo", "beta": 0.1}, "optim": {"lr": 5e-4, "batch_size": 4}}
+    # save_model: false keeps the checkpoint's trainable weights (the golden file's names)
+    dpo = {**stage, "name": "dpo", "objective": {"name": "dpo", "beta": 0.1}, "optim": {"lr": 5e-4, "batch_size": 4},
+           "save_model": False}
     cfg = {"model": {"name": str(model), "device": "cpu", "precision": "fp32"}, "output_dir": str(out), "seed": 3,
            "reuse_stages": False, "stages": [stage, dpo]}
     result = run(parse_run_config(cfg))

@@ -113,8 +113,6 @@ def test_a_new_method_is_one_class_and_a_registration(norms_only, tiny_llama, tm
     data = write_pairs(tmp_path / "pairs.tsv")
     run(parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=1,
                                     parameterization={"method": "norms-only"})))
-    trained = final_weights(tmp_path / "run")
-    assert trained and all("norm" in k for k in trained)
     before = load_file(str(tiny_llama / "model.safetensors"))
     after = load_file(str(tmp_path / "run" / "0-sft" / "model" / "model.safetensors"))
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -108,8 +108,8 @@ def test_checkpoint_with_pickled_code_is_refused(tiny_llama, tmp_path):
     from postlab.models import load_lm
 
     data = write_pairs(tmp_path / "pairs.tsv", 8)
-    run(parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=1)))
-    ckpt = tmp_path / "run" / "0-sft" / "checkpoint"
+    run(parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=1, save_model=False)))
+    ckpt = tmp_path / "run" / "0-sft" / "checkpoint"  # kept: the stage wrote no model/
     (ckpt / "trainer_state.pt").write_bytes(pickle.dumps({"optimizer": Boom()}))
     lm = load_lm(str(tiny_llama), device="cpu", precision="fp32")
     with pytest.raises(ModelError, match="corrupt checkpoint .*Unpickl|corrupt checkpoint .*weights_only"):

@@ -193,8 +193,10 @@ def test_max_steps_zero_evaluates_the_starting_model_only(tiny_llama, tmp_path):
 
 def test_a_finished_stage_keeps_no_optimizer_state(tiny_llama, tmp_path, monkeypatch):
     """fp32, CPU. The end-of-epoch checkpoint mid-stage keeps the optimizer state (a resume needs it);
-    the one written as the stage ends does not. A run stopped after it (before done.json) resumes to the
-    same weights without a step; if the stage then has steps left (its data grew), it says so."""
+    the one written as the stage ends does not. A run stopped after it (while writing done.json, before
+    the checkpoint is dropped for model/) resumes to the same weights without a step; if the stage then
+    has steps left (its data grew), it says so."""
+    import postlab.run as run_mod
     import postlab.train as train_mod
     from postlab.errors import TrainingError
 
@@ -207,29 +209,51 @@ def test_a_finished_stage_keeps_no_optimizer_state(tiny_llama, tmp_path, monkeyp
         kept.append((state["epoch"], optimizer_state is not None))
         real_save(path, weights, optimizer_state, scheduler, state)
 
+    real_write = run_mod.atomic_write_json
+
+    def stopped_at_done(path, obj):
+        if Path(path).name == "done.json":
+            raise KeyboardInterrupt
+        real_write(path, obj)
+
     monkeypatch.setattr(train_mod, "save_checkpoint", recording_save)
-    run(cfg)
+    monkeypatch.setattr(run_mod, "atomic_write_json", stopped_at_done)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
     assert kept == [(1, True), (2, False)]
     ckpt = tmp_path / "run" / "0-sft" / "checkpoint"
     assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["optimizer"] is None
-    before = final_weights(tmp_path / "run")
-
-    (tmp_path / "run" / "0-sft" / "done.json").unlink()
-    (tmp_path / "run" / "result.json").unlink()
+    before = load_file(str(ckpt / "trainable.safetensors"))
 
     def no_step(self, *a, **k):
         raise AssertionError("a finished stage trained again")
 
     monkeypatch.setattr(train_mod.torch.optim.AdamW, "step", no_step)
-    run(cfg, resume=True)
-    after = final_weights(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):  # stopped again at done.json: the checkpoint stays
+        run(cfg, resume=True)
+    after = load_file(str(ckpt / "trainable.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
 
-    (tmp_path / "run" / "0-sft" / "done.json").unlink()
-    (tmp_path / "run" / "result.json").unlink()
     write_pairs(data, 16)  # twice the steps now
     with pytest.raises(TrainingError, match="finished stage .*steps left"):
         run(cfg, resume=True)
+
+
+def test_a_stage_that_writes_its_model_drops_its_checkpoint_once_done(tiny_llama, tmp_path):
+    """fp32, CPU. A finished stage's checkpoint duplicates model/ when model/ is written: it is removed
+    after done.json (with its leftovers). A stage that writes no model/ keeps it: the only copy of its
+    weights."""
+    data = write_pairs(tmp_path / "pairs.tsv", 8)
+    tree = run_config(tiny_llama, tmp_path / "run", data, epochs=1)
+    tree["stages"].append({**tree["stages"][0], "name": "dpo", "objective": {"name": "dpo", "beta": 0.1},
+                           "save_model": False})
+    sft = tmp_path / "run" / "0-sft"
+    (sft / ".checkpoint.tmp-killed").mkdir(parents=True)  # as a run killed while writing one leaves
+    run(parse_run_config(tree))
+    assert (sft / "done.json").is_file() and (sft / "model" / "model.safetensors").is_file()
+    assert not [p.name for p in sft.iterdir() if "checkpoint" in p.name]
+    assert (tmp_path / "run" / "1-dpo" / "checkpoint" / "trainable.safetensors").is_file()
+    assert not (tmp_path / "run" / "1-dpo" / "model").exists()
 
 
 def test_train_records_say_tokens_seen_and_seconds_per_step(tiny_llama, tmp_path, monkeypatch):

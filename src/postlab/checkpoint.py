@@ -67,6 +67,13 @@ def replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_dir(final: Path) -> None:
+    """Remove a directory written with `replace_dir`, with its leftovers (`final.old`, and the temporary
+    folders of a write that was killed)."""
+    for d in (final, final.with_name(final.name + ".old"), *final.parent.glob(f".{final.name}.tmp-*")):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def existing_dir(final: Path) -> Path | None:
     if (final / "state.json").is_file() or (final / "config.json").is_file() or (final / "adapter_config.json").is_file():
         return final

@@ -22,7 +22,7 @@ from . import distributed as dist
 from . import faults
 from .allocator import release_freed_memory
 from .cache import cached_evaluation, location, lock, tokenizer_fingerprint
-from .checkpoint import atomic_write_json, atomic_write_text, read_json, replace_dir, trainable_state
+from .checkpoint import atomic_write_json, atomic_write_text, read_json, remove_dir, replace_dir, trainable_state
 from .config import ModelConfig, RunConfig, StageConfig, dump_config, parse_run_config
 from .data import tokenize
 from .errors import ConfigError, DataError, PostlabError
@@ -347,7 +347,8 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
         summary["metrics"] = evaluate(summary["steps"])
         metrics.write({"stage": stage.name, "split": "dev", "step": summary["steps"], "expo_lambda": stage.expo_lambda,
                        **summary["metrics"]})
-    if stage.save_model or not last:  # later stages (and their resumption) start from this model
+    saves_model = stage.save_model or not last
+    if saves_model:  # later stages (and their resumption) start from this model
         with dist.main_only(f"stage {stage.name}: writing its model"):
             if dist.is_main():
                 save_model(lm.model, lm.tokenizer, sdir / "model", lm.source)
@@ -360,5 +361,7 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
     with dist.main_only(f"stage {stage.name}: writing done.json"):
         if dist.is_main():
             atomic_write_json(sdir / "done.json", done)
+            if saves_model:  # its checkpoint's weights duplicate model/ (~4 bytes per parameter in FFT)
+                remove_dir(plan.checkpoint)
         faults.point("stage-done")
     return done, lm
