@@ -241,8 +241,8 @@ def test_a_finished_stage_keeps_no_optimizer_state(tiny_llama, tmp_path, monkeyp
 
 def test_a_stage_that_writes_its_model_drops_its_checkpoint_once_done(tiny_llama, tmp_path):
     """fp32, CPU. A finished stage's checkpoint duplicates model/ when model/ is written: it is removed
-    after done.json (with its leftovers). A stage that writes no model/ keeps it: the only copy of its
-    weights."""
+    after done.json (with its leftovers), or on resume if the run stopped in between. A stage that
+    writes no model/ keeps it: the only copy of its weights."""
     data = write_pairs(tmp_path / "pairs.tsv", 8)
     tree = run_config(tiny_llama, tmp_path / "run", data, epochs=1)
     tree["stages"].append({**tree["stages"][0], "name": "dpo", "objective": {"name": "dpo", "beta": 0.1},
@@ -254,6 +254,12 @@ def test_a_stage_that_writes_its_model_drops_its_checkpoint_once_done(tiny_llama
     assert not [p.name for p in sft.iterdir() if "checkpoint" in p.name]
     assert (tmp_path / "run" / "1-dpo" / "checkpoint" / "trainable.safetensors").is_file()
     assert not (tmp_path / "run" / "1-dpo" / "model").exists()
+    # stopped between done.json and the removal: a resume removes it
+    (sft / "checkpoint").mkdir()
+    (tmp_path / "run" / "result.json").unlink()
+    run(parse_run_config(tree), resume=True)
+    assert not (sft / "checkpoint").exists()
+    assert (tmp_path / "run" / "1-dpo" / "checkpoint" / "trainable.safetensors").is_file()
 
 
 def test_train_records_say_tokens_seen_and_seconds_per_step(tiny_llama, tmp_path, monkeypatch):

@@ -206,6 +206,8 @@ def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
         if (sdir / "done.json").is_file():
             stages.append(read_json(sdir / "done.json"))
             pending = sdir / "model"
+            if pending.is_dir() and dist.is_main():  # a run stopped right after done.json left its checkpoint
+                remove_dir(sdir / "checkpoint")
             continue
         last = i == len(cfg.stages) - 1
         # one process trains a stage that runs side by side share (study --workers); the others reuse it
