@@ -25,14 +25,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config, n: int, cwd, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def start(config, n: int, cwd, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`postlab train` in `n` processes, started; `finish` waits for them. A test starts them before its
+    one-process reference run, which then overlaps their start-up (the caches are shared and locked, as
+    for runs side by side)."""
     # accelerate's multi-process launcher is torch.distributed.run; on a machine without GPUs
     # PartialState then joins the processes over gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "postlab", "train", str(config), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(p: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def launch(config, n: int, cwd, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return finish(start(config, n, cwd, *args, env=env))
 
 
 def assert_same_training(a: dict, b: dict, precision: str, lr: float, steps: int) -> None:
@@ -57,15 +73,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, 
     # 1 example leaves the first process nothing. A tight grad_clip acts on every step.
     common = dict(epochs=2, optim={"lr": 1e-3, "batch_size": 3, "forward_rows": 1, "grad_clip": 0.5},
                   parameterization=param)
-    one = run_config(tiny_llama, tmp_path / "one", data, precision, **common)
-    one["reuse_stages"] = False
-    run(parse_run_config(one))
-
     two = run_config(tiny_llama, tmp_path / "two", data, precision, **common)
     two["reuse_stages"], two["parallel"] = False, parallel
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(yaml.safe_dump(two))
-    p = launch(cfg_path, 2, tmp_path)
+    started = start(cfg_path, 2, tmp_path)
+    one = run_config(tiny_llama, tmp_path / "one", data, precision, **common)
+    one["reuse_stages"] = False
+    run(parse_run_config(one))
+    p = finish(started)
     assert p.returncode == 0, p.stderr[-3000:]
     assert ("fsdp: 2 blocks + root sharded over 2 processes" in p.stderr) == (parallel == "fsdp")
     assert p.stdout.count("done in") == 1  # one summary, from the main process
@@ -109,11 +125,12 @@ def test_fsdp_scores_long_completions_in_recomputed_head_chunks_like_one_process
                             for i in range(4)))  # one step of 4: 2 x ~400 scored tokens per process
     task = {"name": "file", "train": str(data), "dev": str(data), "dev_limit": 2}
     common = dict(task=task, epochs=1, eval_at_start=False, optim={"lr": 1e-3, "batch_size": 4})
-    run(parse_run_config(run_config(tiny_llama, tmp_path / "one", data, precision, **common)))
     two = {**run_config(tiny_llama, tmp_path / "two", data, precision, **common), "parallel": "fsdp"}
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(yaml.safe_dump(two))
-    p = launch(cfg_path, 2, tmp_path)
+    started = start(cfg_path, 2, tmp_path)
+    run(parse_run_config(run_config(tiny_llama, tmp_path / "one", data, precision, **common)))
+    p = finish(started)
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_training(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), precision, lr=1e-3, steps=1)
 
@@ -124,13 +141,12 @@ def test_a_killed_fsdp_run_resumes_from_its_gathered_checkpoint(tiny_llama, tmp_
     run killed mid-stage resumes from them to the weights of an uninterrupted one-process run."""
     data = write_pairs(tmp_path / "pairs.tsv", n=16)
     common = dict(epochs=2, save_every_steps=2, optim={"lr": 1e-3, "batch_size": 4, "grad_accum": 1})
-    one = run_config(tiny_llama, tmp_path / "one", data, precision, **common)
-    run(parse_run_config(one))
-
     two = {**run_config(tiny_llama, tmp_path / "two", data, precision, **common), "parallel": "fsdp"}
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(yaml.safe_dump(two))
-    killed = launch(cfg_path, 2, tmp_path, env={"POSTLAB_KILL_AT": "step#5"})  # in step 5, after the step-4 checkpoint
+    started = start(cfg_path, 2, tmp_path, env={"POSTLAB_KILL_AT": "step#5"})  # in step 5, after the step-4 checkpoint
+    run(parse_run_config(run_config(tiny_llama, tmp_path / "one", data, precision, **common)))
+    killed = finish(started)
     assert killed.returncode != 0
     import json
 
