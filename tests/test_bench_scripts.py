@@ -71,3 +71,44 @@ def test_profile_counts_matmul_flops_from_shapes_as_the_profiler_would(monkeypat
     for e in events:
         assert matmul_flops(e.key, e.input_shapes) == e.flops / e.count > 0, e.key
     assert matmul_flops("aten::mm", [[5, 7], [7, 3]]) == 2 * 5 * 7 * 3
+
+
+def test_profile_with_emulated_bf16_matmuls_counts_each_other_op_once_and_no_matmul_detail(monkeypatch):
+    """bench/profile_step.py --emulate-bf16-matmuls: a bf16 matmul is computed in fp32 and rounded back
+    (the same numbers as a bf16 product of those inputs, to bf16 rounding); the breakdown keeps neither the
+    emulation's casts and product nor the dispatch mode's outer record of an op it passed on. CPU; bf16
+    inputs, fp32 products."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from profile_step import EmulatedBf16Matmuls, StepProfile
+
+    torch.manual_seed(0)
+    a, b = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(16, 4, dtype=torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof, EmulatedBf16Matmuls():
+        product = a @ b
+        total = product + product
+    assert product.dtype == total.dtype == torch.bfloat16
+    assert torch.equal(product, (a.float() @ b.float()).bfloat16())
+    emulated = StepProfile(emulated=True, gpu=False)
+    emulated.read(prof)
+    assert emulated.by_op["aten::add"][1] == 1, dict(emulated.by_op)
+    assert not {"aten::mm", "aten::_to_copy", "aten::copy_"} & {k for k, (_, n) in emulated.by_op.items() if n}
+    assert emulated.flops == 0
+
+    # autocast's casts of a linear layer's fp32 input and weight are work of a bf16 step: they stay
+    w = torch.randn(4, 16)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as cast_prof, EmulatedBf16Matmuls(), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.nn.functional.linear(a.float(), w)
+    casts = StepProfile(emulated=True, gpu=False)
+    casts.read(cast_prof)
+    assert casts.by_op["aten::_to_copy"][1] == 3, dict(casts.by_op)  # a.float(), then input and weight to bf16
+    assert casts.by_op["aten::mm"][1] == 0
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as plain_prof:
+        a.float() @ b.float()
+    plain = StepProfile(emulated=False, gpu=False)
+    plain.read(plain_prof)
+    assert plain.by_op["aten::mm"][1] == 1 and plain.flops == 2 * 8 * 16 * 4
