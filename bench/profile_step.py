@@ -197,6 +197,7 @@ def repeated(repeats: int, path: Path) -> None:
     kept = runs[len(runs) // 2]
     kept["runs"] = [{"step_s": r["windows"]["profiled"]["step_s"],
                      "page_faults_per_step": r["windows"]["profiled"]["page_faults_per_step"],
+                     "aten_self_s_per_step": r["aten_self_s_per_step"],
                      **({"matmul_of_peak": round(r["matmul_flops_per_s"] / r["peak_flops_per_s"], 3)}
                         if "peak_flops_per_s" in r else {}),
                      "share": {c: round(s / r["aten_self_s_per_step"], 4) for c, s in r["by_class_s_per_step"].items()}}
