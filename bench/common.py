@@ -42,7 +42,8 @@ def case_data(task: str, kind: str, n: int, data: str) -> list[Example] | list[P
 
 
 def postlab_stage(lm, objective: str, raw, batch: int, lr: float, append_eos: bool, beta: float = 0.1,
-                  group_by_length: bool = True, parameterization: dict | None = None, optim: dict | None = None) -> dict:
+                  group_by_length: bool = True, parameterization: dict | None = None, optim: dict | None = None,
+                  max_completion_tokens: int | None = None) -> dict:
     """Tokenize, compute reference log-probs when the objective needs them (as a run does, in batches
     of the stage's eval_batch_size; fresh cache: always computed), and train one epoch. Returns seconds, tokens, the per-step losses and train records."""
     spec = get_objective(objective)
@@ -52,13 +53,14 @@ def postlab_stage(lm, objective: str, raw, batch: int, lr: float, append_eos: bo
                       parameterization=parameterization or {"method": "fft"})
     lm.model, _ = prepare(lm.model, cfg.parameterization)
     with tempfile.TemporaryDirectory() as d:
-        items, _ = tokenize(raw, lm.tokenizer, lm.max_length, append_eos=append_eos)
+        items, _ = tokenize(raw, lm.tokenizer, lm.max_length, append_eos=append_eos,
+                            max_completion_tokens=max_completion_tokens)
         t0 = time.perf_counter()
         ref = cached_token_logps(lm, items, "reference", cfg.eval_batch_size, Path(d)) if spec.needs_reference else None
         t_ref = time.perf_counter() - t0
         args = spec.args(**{k: v for k, v in obj.items() if k != "name"})
         out = train_stage(lm, StagePlan(cfg, spec, args, items, Path(d), 0, StageInputs(reference=ref)),
-                          MetricsLog(Path(d) / "m.jsonl"), lambda step: {})
+                          MetricsLog(Path(d) / "m.jsonl"), lambda step, final: {})
         seconds = time.perf_counter() - t0
         train = [r for r in map(json.loads, (Path(d) / "m.jsonl").read_text().splitlines())
                  if r.get("split") == "train" and "loss" in r]

@@ -43,7 +43,7 @@ def test_a_training_step_does_not_wait_for_the_device(tiny_llama, tmp_path, prec
     plan = split_step_plan(lm, tmp_path, objective)
     counter = CountSyncs()
     with counter:
-        out = train_stage(lm, plan, MetricsLog(tmp_path / "m.jsonl"), lambda step: {})
+        out = train_stage(lm, plan, MetricsLog(tmp_path / "m.jsonl"), lambda step, final: {})
     assert out["steps"] == 4
     assert counter.n <= out["steps"]  # the bound: at most one per optimizer step
     assert counter.n == 0, f"{counter.n} host reads in {out['steps']} steps"

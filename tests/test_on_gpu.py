@@ -54,7 +54,7 @@ def test_training_steps_on_the_gpu_never_wait_for_it(tiny_llama, tmp_path, monke
         monkeypatch.setattr(train, name, strict)
     lm = load_lm(str(tiny_llama), device="cuda", precision=precision)
     plan = split_step_plan(lm, tmp_path, objective)
-    out = train_stage(lm, plan, MetricsLog(tmp_path / "m.jsonl"), lambda step: {})
+    out = train_stage(lm, plan, MetricsLog(tmp_path / "m.jsonl"), lambda step, final: {})
     assert out["steps"] == 4
     losses = [json.loads(x)["loss"] for x in (tmp_path / "m.jsonl").read_text().splitlines() if '"train"' in x]
     assert losses and all(math.isfinite(v) for v in losses)

@@ -33,7 +33,7 @@ def test_tiny_model_overfits_fixed_batch(tiny_llama):
 
     with tempfile.TemporaryDirectory() as d:
         log = MetricsLog(Path(d) / "metrics.jsonl")
-        train_stage(lm, StagePlan(cfg, spec, spec.args(), items, Path(d), 0), log, lambda step: {})
+        train_stage(lm, StagePlan(cfg, spec, spec.args(), items, Path(d), 0), log, lambda step, final: {})
         losses = [r["loss"] for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
 

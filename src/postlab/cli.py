@@ -196,9 +196,17 @@ def cmd_study(a: argparse.Namespace) -> int:
     from . import study as st
 
     if a.study_command == "report":
-        from .report import write_report
+        from .report import summary_text, write_report
 
-        print(f"report: {write_report(a.dir, a.out, alpha=a.alpha)}")
+        report = write_report(a.dir, a.out, alpha=a.alpha)
+        print(summary_text(report))
+        print(f"report: {report}")
+        return 0
+    if a.study_command == "export":
+        from .study.export import export_study
+
+        copied, kept = export_study(a.dir, a.out)
+        print(f"{a.out}: {len(copied)} complete run(s) copied without weights, {len(kept)} already there")
         return 0
     study = st.load_study(a.file)
     shard = st.parse_shard(a.shard)
@@ -213,8 +221,12 @@ def cmd_study(a: argparse.Namespace) -> int:
             return 0
         from .estimate import estimate
 
+        from .footprint import format_footprint, study_footprint
+
         estimates, notes = estimate(mine, measure=a.measure)
         print(st.format_plan(study, mine, study_dir, estimates, notes, shard, total=len(runs)))
+        reused = {(e.run.run_id, i) for e in estimates for i, s in enumerate(e.stages) if s.reused}
+        print(format_footprint(study_footprint(mine, reused)))
         print(power_section(study, runs, study_dir, a.variance_from))
         return 1 if notes["unavailable"] else 0
     try:
@@ -377,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir", help="a study directory (holding runs/)")
     q.add_argument("--out", type=location, help="output directory (default <dir>/report)")
     q.add_argument("--alpha", type=number(float, gt=0, lt=1), default=0.05)
+    q.set_defaults(fn=cmd_study)
+    q = ss.add_parser("export", help="copy a study's complete runs without their weights (a results folder to "
+                                     "commit; a study run on another machine skips the runs in a copy of it)")
+    q.add_argument("dir", help="a study directory (holding runs/)")
+    q.add_argument("--out", type=location, required=True, help="the folder to copy into (created if absent)")
     q.set_defaults(fn=cmd_study)
     return p
 

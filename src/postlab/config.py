@@ -96,6 +96,10 @@ class StageConfig(Strict):
     # study's row for a model as it is: a base model, a teacher, a pruned student).
     max_steps: int | None = Field(None, ge=0)
     eval_every_steps: int | None = Field(None, gt=0)  # besides every epoch
+    # Learning curves on a budget: the evaluations between a stage's start and its end (eval_every_steps,
+    # epoch ends) score only the first N dev examples, the same N every time; the start and the end
+    # score the whole dev set (a study report draws the curve on the N from their per-example files).
+    curve_examples: int | None = Field(None, gt=0)
     eval_at_start: bool = True  # measure the stage's starting point too
     save_every_steps: int | None = Field(None, gt=0)  # besides every epoch
     log_every: int = Field(10, gt=0)
@@ -106,6 +110,10 @@ class StageConfig(Strict):
     # Distillation objectives (kd, dadpo): the teacher model (name or path; same tokenizer as the student).
     teacher: str | None = None
     save_model: bool = True  # write the stage's final model (HF format) to <stage>/model
+    # false: once the stage is done it keeps no weights at all (no model/, and its checkpoint is deleted):
+    # for a run's last stage whose evaluations are all that anything reads (a study's runs). Needs
+    # save_model: false. With true (the default) such a stage keeps its checkpoint, the only copy of its weights.
+    keep_weights: bool = True
     # Dropout during the stage (the model's and LoRA's): None = off for objectives that compare the policy
     # with a reference or teacher (TRL's disable_dropout: the first DPO step then starts at exactly log 2),
     # on otherwise; true/false to say so.
@@ -141,6 +149,19 @@ class RunConfig(Strict):
         if self.model.compile and self.parallel == "fsdp":
             raise ValueError("model.compile with parallel: fsdp is not supported (fsdp already wraps the body); "
                              "use parallel: ddp or drop model.compile")
+        return self
+
+    @model_validator(mode="after")
+    def _weights_kept_where_read(self) -> "RunConfig":
+        for i, s in enumerate(self.stages):
+            if s.keep_weights:
+                continue
+            if s.save_model:
+                raise ValueError(f"stages.{i}.keep_weights: false keeps no weights, but save_model: true asks for "
+                                 f"the stage's model; set save_model: false too")
+            if i < len(self.stages) - 1:
+                raise ValueError(f"stages.{i}.keep_weights: false, but stage {self.stages[i + 1].name!r} starts from "
+                                 f"this stage's weights; only the last stage can keep none")
         return self
 
     @field_validator("stages")

@@ -20,6 +20,8 @@ PLOTS = {
                            "dashed line: zero-shot (the runs' starting model), dotted: always the majority class",
     "paired_comparisons.png": "Paired differences A − B with 95% CIs (seed x example tests); red: significant after "
                               "Holm's correction, grey: not (the CI then shows which differences the data allow)",
+    "dev_curves.png": "Dev metrics over training (steps counted across stages; thin lines: seeds, thick: their "
+                      "mean; dotted verticals: where a stage hands off to the next)",
     "learning_curves.png": "Training loss per run (one line per seed, coloured by group)",
     "wall_clock.png": "Wall-clock time per group (bars: mean over seeds, stacked by stage; dots: each run's total)",
 }
@@ -29,6 +31,7 @@ def figures(df: pd.DataFrame, study_dir: Path, comp: pd.DataFrame) -> dict:
     """file name -> a function drawing it (None when there is nothing to draw)."""
     return {"primary_metrics.png": lambda: _plot_main(df),
             "paired_comparisons.png": lambda: _plot_paired(comp),
+            "dev_curves.png": lambda: _plot_dev_curves(df, study_dir),
             "learning_curves.png": lambda: _plot_curves(df, study_dir),
             "wall_clock.png": lambda: _plot_wall(df)}
 
@@ -140,6 +143,57 @@ def _plot_curves(df: pd.DataFrame, study_dir: Path) -> Figure | None:
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="outside right upper",
                    title=", ".join(rest) or None, fontsize="small")
+    return fig
+
+
+def _plot_dev_curves(df: pd.DataFrame, study_dir: Path) -> Figure | None:
+    """One panel per (task, compared metric): the metric at every dev evaluation of each run, across
+    its stages, per group; drawn only where some run has more than its start and end points."""
+    rest = [a for a in R.group_axes(df) if a != R.TASK]
+    panels = []
+    for task in R.tasks_of(df):
+        sub = R.task_rows(df, task)
+        for m in R.primary_metrics(task, sub):
+            curves = {rid: R.dev_curve(study_dir / "runs" / rid, m) for rid in sub["run_id"]}
+            if any(len(c[0]) > 2 for c in curves.values()):
+                panels.append((task, m, sub, curves))
+    if not panels:
+        return None
+    order = list(dict.fromkeys(R.label(k, rest) for k, _ in R.groups(df, rest)))
+    colors = {lab: _color(i) for i, lab in enumerate(order)}
+    ncols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _new_figure(5.2 * ncols + 2.4, 3.6 * nrows)
+    axs = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (task, m, sub, curves) in zip(axs, panels):
+        subsets = set()
+        for key, g in R.groups(sub, rest):
+            lab = R.label(key, rest)
+            runs = [curves[rid] for rid in g["run_id"] if curves[rid][0]]
+            for xs, ys, bounds, n in runs:
+                ax.plot(xs, ys, color=colors[lab], alpha=0.25, lw=0.8)
+                subsets.add(n)
+                for b in bounds:
+                    ax.axvline(b, color="grey", ls=":", lw=0.8)
+            common = sorted(set.intersection(*(set(xs) for xs, *_ in runs))) if runs else []
+            if common:
+                mean = [float(np.mean([ys[xs.index(x)] for xs, ys, *_ in runs])) for x in common]
+                ax.plot(common, mean, color=colors[lab], lw=2, marker="o", ms=3, label=lab)
+        n = [x for x in subsets if x]
+        where = f" (first {min(n)} dev examples)" if n else ""
+        ax.set_title(f"{task} / {m}{where}" if task is not None else f"{m}{where}", fontsize="medium")
+        ax.set_xlabel("training step (all stages)")
+        ax.set_ylabel(m)
+        ax.grid(alpha=0.3)
+    for ax in axs[len(panels):]:
+        ax.set_visible(False)
+    handles = {}
+    for ax in axs:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="outside right upper", title=", ".join(rest) or None,
+                   fontsize="small")
     return fig
 
 

@@ -71,9 +71,18 @@ def planned_comparisons(study: Study, runs: list[PlannedRun]) -> list[PlannedCom
                 if key not in dev_sizes:
                     dev_sizes[key] = _dev_size(stage.task)
                 rest = {o: v for o, v in zip(others, ctx) if o != "task"}
-                for m in (metrics or task_primary_metrics(task)):
+                for m in _task_metrics(task, metrics) if metrics else task_primary_metrics(task):
                     out.append(PlannedComparison(axis, va, vb, _label(rest), task, m, seeds, dev_sizes[key]))
     return out
+
+
+def _task_metrics(task: str, metrics: list[str]) -> list[str]:
+    """The study's metrics that `task` reports (the report compares a metric only where runs have it):
+    a two-task study's list names each task's own."""
+    from .tasks import TASKS
+
+    known = set(getattr(TASKS.get(task), "metric_specs", {}) or {})
+    return [m for m in metrics if m in known] if known else metrics
 
 
 def _study_metrics(study: Study) -> list[str]:

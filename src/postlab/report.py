@@ -274,6 +274,11 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                              for t in R.tasks_of(df) if t is not None) or "all numeric metrics"))
              + "".join(f"; {m} (every task)" for m in df.attrs["metrics"] if m.startswith("win_rate_vs_"))
              + ". All runs: [runs.csv](runs.csv).", ""]
+    if incomplete:
+        planned = len(df) + len(incomplete)
+        lines += [f"**Partial report: {len(df)} of {planned} planned runs are complete**; the other "
+                  f"{len(incomplete)} (listed under Incomplete runs) are left out of every table, test and plot, "
+                  f"so what follows may change when they are done.", ""]
     if df.empty:
         lines += ["No completed runs yet.", ""]
     else:
@@ -314,6 +319,7 @@ def summary_text(report: Path) -> str:
         j = next((k for k in range(i, len(lines)) if lines[k].startswith("## ")), len(lines))
         return lines[i:j]
 
-    finding = [x for x in section("Finding") if x.strip()]
+    partial = [x for x in lines if x.startswith("**Partial report")]
+    finding = partial + [x for x in section("Finding") if x.strip()]
     tables = [x for x in section("Results") if x.startswith(("|", "###", "Always"))]
     return "\n".join(["Finding:"] + [f"  {x}" for x in finding] + ["", "Results (mean ± std over seeds):"] + tables)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .errors import DataError
@@ -95,7 +96,21 @@ def find_incomplete(study_dir: str | os.PathLike) -> list[dict[str, Any]]:
             reason = "no result.json"
         out.append({"run_id": run_dir.name, "axes": _config_axes(run_dir),
                     "last_log": _last_log(run_dir), "reason": reason})
+    present = {p.name for p in run_dirs(Path(study_dir))}
+    for planned in planned_runs(Path(study_dir)):
+        if planned["run_id"] not in present:
+            out.append({"run_id": planned["run_id"], "axes": planned.get("axes") or {}, "last_log": "",
+                        "reason": "not started"})
     return out
+
+
+def planned_runs(study_dir: Path) -> list[dict[str, Any]]:
+    """The runs the study planned (``plan.json``: run_id, axes); [] where there is no readable plan."""
+    try:
+        runs = json.loads((study_dir / "plan.json").read_text(encoding="utf-8")).get("runs")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [r for r in runs if isinstance(r, dict) and isinstance(r.get("run_id"), str)] if isinstance(runs, list) else []
 
 
 def _result_row(result: dict[str, Any], run_id: str) -> tuple[dict, list[str], list[str], list]:
@@ -216,6 +231,48 @@ def start_metrics(run_dir: Path) -> dict[str, float]:
         if rec.get("split") == "dev" and rec.get("step") == 0:
             return {k: float(v) for k, v in rec.items() if is_number(v) and k not in ("step", "epoch", "eval_s")}
     return {}
+
+
+def dev_curve(run_dir: Path, metric: str) -> tuple[list[float], list[float], list[float], int | None]:
+    """A run's learning curve of a dev metric: (steps counted across stages, values, the steps where
+    a stage begins after the first, the dev subset size or None). A stage with ``curve_examples: N``
+    evaluated mid-stage points on its first N dev examples; its start and end (whole dev set) are
+    restricted to the same N from their per-example files, so the curve is one series."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        stages = [(str(s.get("name")), s.get("curve_examples")) for s in cfg["stages"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        return [], [], [], None
+    records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("split") == "dev" and is_number(r.get("step"))]
+    dirs = stage_dirs(run_dir)
+    xs: list[float] = []
+    ys: list[float] = []
+    bounds: list[float] = []
+    offset, subset = 0.0, None
+    for i, (name, n_curve) in enumerate(stages):
+        recs = [r for r in records if r.get("stage") == name]
+        if not recs:
+            break
+        last = max(r["step"] for r in recs)
+        for r in recs:
+            if i > 0 and r["step"] == 0:
+                continue  # the previous stage's end, already drawn
+            value = r.get(metric)
+            if n_curve and r["step"] in (0, last) and i < len(dirs):  # whole dev set: restrict to the subset
+                pe = read_per_example(dirs[i] / ("eval-start" if r["step"] == 0 else "eval"))
+                value = (pe.value(metric, np.arange(min(n_curve, len(pe.ids))))
+                         if pe is not None and metric in pe.stats else None)
+            if is_number(value):
+                xs.append(offset + r["step"])
+                ys.append(float(value))
+        if n_curve:
+            subset = n_curve if subset is None else min(subset, n_curve)
+        offset += last
+        if i < len(stages) - 1:
+            bounds.append(offset)
+    return xs, ys, bounds[:len(stages) - 1], subset
 
 
 def _per_example_scores(run_dir: Path) -> dict[str, float] | None:

@@ -206,8 +206,8 @@ def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
         if (sdir / "done.json").is_file():
             stages.append(read_json(sdir / "done.json"))
             pending = sdir / "model"
-            if pending.is_dir() and dist.is_main():  # a run stopped right after done.json left its checkpoint
-                remove_dir(sdir / "checkpoint")
+            if (pending.is_dir() or not stage.keep_weights) and dist.is_main():
+                remove_dir(sdir / "checkpoint")  # a run stopped right after done.json left its checkpoint
             continue
         last = i == len(cfg.stages) - 1
         # one process trains a stage that runs side by side share (study --workers); the others reuse it
@@ -243,8 +243,10 @@ def stage_prefix_key(cfg: RunConfig, i: int) -> str:
 
     from . import __version__
 
+    # What a stage keeps on disk afterwards does not change what it trains.
+    kept = {"save_model", "keep_weights"}
     parts = {"model": cfg.model.model_dump(mode="json"), "seed": cfg.seed, "postlab": __version__,
-             "stages": [s.model_dump(mode="json") for s in cfg.stages[:i + 1]]}
+             "stages": [s.model_dump(mode="json", exclude=kept) for s in cfg.stages[:i + 1]]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -326,15 +328,23 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
     args = parse_args(spec, stage.objective.args)
     sdir.mkdir(parents=True, exist_ok=True)
 
-    eval_settings = {"task": stage.task.evaluation_settings(), "batch_size": stage.eval_batch_size,
-                     **({"records": records_fingerprint(stage.task)} if stage.task.score_records else {})}
+    def settings_of(t) -> dict:
+        return {"task": t.cfg.evaluation_settings(), "batch_size": stage.eval_batch_size,
+                **({"records": records_fingerprint(t.cfg)} if t.cfg.score_records else {})}
 
-    def evaluate(step: int) -> dict[str, float]:
+    curve_task = (get_task(stage.task.model_copy(update={"dev_limit": min(stage.curve_examples, stage.task.dev_limit
+                                                                             or stage.curve_examples)}))
+                  if stage.curve_examples else None)
+
+    def evaluate(step: int, final: bool = True) -> dict[str, float]:
         faults.point("eval")
+        if curve_task is not None and step > 0 and not final:  # a point of the learning curve
+            return cached_evaluation(lm, settings_of(curve_task), sdir / "curve" / f"step-{step:06d}",
+                                     lambda out: evaluate_task(curve_task, lm, out, stage.eval_batch_size))
         # The starting model's evaluation (the zero-shot one in a run's first stage) keeps its own
         # files: a study report compares trained arms with it example by example.
         start = step == 0 and stage.max_steps != 0  # (max_steps: 0 evaluates the start model as the stage's result)
-        return cached_evaluation(lm, eval_settings, sdir / ("eval-start" if start else "eval"),
+        return cached_evaluation(lm, settings_of(task), sdir / ("eval-start" if start else "eval"),
                                  lambda out: evaluate_task(task, lm, out, stage.eval_batch_size))
 
     prepare_s = round(time.perf_counter() - t_prepare, 2)  # data, sampled pairs, reference pass
@@ -363,7 +373,8 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
     with dist.main_only(f"stage {stage.name}: writing done.json"):
         if dist.is_main():
             atomic_write_json(sdir / "done.json", done)
-            if saves_model:  # its checkpoint's weights duplicate model/ (~4 bytes per parameter in FFT)
+            # its checkpoint's weights duplicate model/ (~4 bytes per parameter in FFT), or nothing will read them
+            if saves_model or not stage.keep_weights:
                 remove_dir(plan.checkpoint)
         faults.point("stage-done")
     return done, lm

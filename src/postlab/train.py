@@ -152,9 +152,11 @@ class Progress:
     last_eval: dict = field(default_factory=dict)
 
 
-def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog, evaluate: Callable[[int], dict[str, float]]) -> dict:
+def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog,
+                evaluate: Callable[[int, bool], dict[str, float]]) -> dict:
     """Train `lm.model` in place as `plan` says, resuming from the stage's checkpoint when there is
     one. Returns a summary (steps, tokens, wall time, peak memory, device, the last dev metrics).
+    `evaluate(step, final)` gives the dev metrics at a step (`final`: the stage's last evaluation).
     A step's loss, metrics and gradient norm stay on the device until they are read (every
     `log_every` steps, and before a checkpoint, an evaluation and the end): at most one host sync."""
     cfg = plan.cfg
@@ -174,7 +176,7 @@ def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog, evaluate: Callable
         _restore_optimizer(par, model, opt, sched, saved, plan.checkpoint, at.step < total)
     t_start = time.perf_counter() - at.wall_s
     if at.step == 0 and (cfg.eval_at_start or total == 0):  # max_steps: 0 evaluates only
-        _evaluate(lm, par, at, evaluate, metrics, cfg.name, 0.0)
+        _evaluate(lm, par, at, evaluate, metrics, cfg.name, 0.0, final=total == 0)
     model.train()
     bar = tqdm(total=total, initial=at.step, desc=f"{cfg.name} ({plan.spec.name})", unit="step", dynamic_ncols=True,
                disable=not dist.is_main())
@@ -235,14 +237,15 @@ def _train_epochs(lm, plan, par, model, opt, sched, schedule, at, pending, evalu
             mid_epoch = g < len(groups) - 1
             if mid_epoch and cfg.eval_every_steps and at.step % cfg.eval_every_steps == 0:
                 pending.flush()
-                _evaluate(lm, par, at, evaluate, metrics, cfg.name, ep_float)
+                _evaluate(lm, par, at, evaluate, metrics, cfg.name, ep_float, final=False)
             if mid_epoch and cfg.save_every_steps and at.step % cfg.save_every_steps == 0:
                 pending.flush()  # (a non-finite loss stops here: no checkpoint holds its update)
                 _save(plan, par, model, opt, sched, at, t_start, group=g + 1)
         at.epoch, at.group = at.epoch + 1, 0
         pending.flush()
-        _evaluate(lm, par, at, evaluate, metrics, cfg.name, float(at.epoch))
-        _save(plan, par, model, opt, sched, at, t_start, group=0, finished=at.step >= total or at.epoch >= cfg.epochs)
+        finished = at.step >= total or at.epoch >= cfg.epochs
+        _evaluate(lm, par, at, evaluate, metrics, cfg.name, float(at.epoch), final=finished)
+        _save(plan, par, model, opt, sched, at, t_start, group=0, finished=finished)
 
 
 class _Pending:
@@ -382,13 +385,14 @@ def _optimizer_step(model: torch.nn.Module, par, opt, sched, grad_clip: float | 
     return gn
 
 
-def _evaluate(lm: LM, par, at: Progress, evaluate, metrics: MetricsLog, stage: str, epoch: float) -> None:
+def _evaluate(lm: LM, par, at: Progress, evaluate, metrics: MetricsLog, stage: str, epoch: float,
+              final: bool) -> None:
     """Evaluate on the main process (the others wait) and log a dev record."""
     with par.whole_model(lm):
         with dist.main_only(f"stage {stage}: the evaluation at step {at.step}"):
             if dist.is_main():
                 t = time.perf_counter()
-                at.last_eval = evaluate(at.step)
+                at.last_eval = evaluate(at.step, final)
                 metrics.write({"stage": stage, "split": "dev", "step": at.step, "epoch": round(epoch, 4),
                                "eval_s": round(time.perf_counter() - t, 2), **at.last_eval})
 

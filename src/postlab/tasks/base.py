@@ -70,6 +70,10 @@ class TaskConfig(BaseModel):
     dev_reference: str | None = None  # sonnets: the true held-out sonnets
     train_limit: int | None = Field(None, gt=0)
     dev_limit: int | None = Field(None, gt=0)
+    # A validation split carved from the training data: the last N training examples are held out
+    # (never trained on; train_limit counts from the first of the rest) and the evaluations score them
+    # instead of the dev data. Choose settings on it; report on dev.
+    validation: int | None = Field(None, gt=0)
     # A prompt+completion longer than the model allows: refuse (error) or truncate the prompt's start.
     overlength: Literal["refuse", "truncate"] = "refuse"
     # Training completions (SFT answers; chosen and rejected) cut to their first N tokens, like TRL's
@@ -90,11 +94,19 @@ class TaskConfig(BaseModel):
     def _task_options(cls, data: Any) -> Any:
         return normalized_config(data)
 
+    @model_validator(mode="after")
+    def _validation_from_own_data(self) -> "TaskConfig":
+        if self.validation is not None and self.train_records:
+            raise ValueError("validation: holds out examples of the task's own training data, but train_records "
+                             "replaces that data; drop one of them")
+        return self
+
     def evaluation_settings(self) -> dict:
         """The fields that decide what evaluation measures (dev data, metrics, generation), without
-        the training-only ones: two stages that agree here evaluate the same weights identically."""
-        return self.model_dump(mode="json", exclude={"train", "train_limit", "pairs", "max_completion_tokens",
-                                                     "train_records"})
+        the training-only ones: two stages that agree here evaluate the same weights identically.
+        With a validation split the evaluation reads the training file, so it counts."""
+        training_only = {"train_limit", "pairs", "max_completion_tokens", "train_records"}
+        return self.model_dump(mode="json", exclude=training_only if self.validation else training_only | {"train"})
 
 
 def data_dir() -> Path:
@@ -191,6 +203,21 @@ class Task:
     @staticmethod
     def limit(items: list, n: int | None) -> list:
         return items if n is None else items[:n]
+
+    def source_split(self, split: str) -> str:
+        """Which data a split reads: with task.validation, the dev split is carved from the training data."""
+        return "train" if self.cfg.validation is not None else split
+
+    def split_rows(self, rows: list, split: str, source: str = "the training data") -> list:
+        """Rows of `split` (train or dev) read from `source_split(split)`, with the validation split
+        carved out and the limits applied (`train_limit` to train, `dev_limit` to dev)."""
+        n = self.cfg.validation
+        if n is not None:
+            if n >= len(rows):
+                raise DataError(f"{source}: task.validation={n} holds out every one of its {len(rows)} training "
+                                f"examples; hold out fewer")
+            rows = rows[:-n] if split == "train" else rows[-n:]
+        return self.limit(rows, self.cfg.train_limit if split == "train" else self.cfg.dev_limit)
 
 
 TASKS: dict[str, type[Task]] = {}

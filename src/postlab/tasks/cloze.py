@@ -119,11 +119,12 @@ class Cloze(Task):
     def _rows(self, split: str) -> list[tuple[str, str, int]]:
         """(id, prompt, class index) of the split's records."""
         opts: ClozeOptions = self.options
-        source = getattr(self.cfg, split)
+        read = self.source_split(split)
+        source = getattr(self.cfg, read)
         if source is None:
-            raise ConfigError(f"task.{split}: the cloze task needs a {split} file (JSONL/JSON/CSV/TSV/Parquet) or hub id")
+            raise ConfigError(f"task.{read}: the cloze task needs a {read} file (JSONL/JSON/CSV/TSV/Parquet) or hub id")
         columns = tuple(opts.text_columns) + (opts.label_column,)
-        _, recs = read_records(source, [columns], split, scalar_columns=[opts.label_column])
+        _, recs = read_records(source, [columns], read, scalar_columns=[opts.label_column])
         classes = list(opts.labels)
         rows = []
         for r in recs:
@@ -133,7 +134,7 @@ class Cloze(Task):
                                 f"{classes} (task.cloze.labels)")
             rows.append((r["id"], opts.template.format(**{c: r[c].strip() for c in opts.text_columns}),
                          classes.index(value)))
-        return self.limit(rows, self.cfg.train_limit if split == "train" else self.cfg.dev_limit)
+        return self.split_rows(rows, split, source)
 
     def _answer(self, k: int) -> str:
         return list(self.options.labels.values())[k]

@@ -221,17 +221,22 @@ class FileTask(Task):
     metric_specs = {"loss": MetricSpec("ratio", higher_is_better=False),
                     "perplexity": MetricSpec("exp_ratio", higher_is_better=False)}
 
-    def _source(self, split: str) -> str | None:
+    @staticmethod
+    def _check_split(split: str) -> str:
         if split not in ("train", "dev"):
             raise ConfigError(f"split must be 'train' or 'dev', got {split!r}")
-        return getattr(self.cfg, split)
+        return split
+
+    def _source(self, split: str) -> str | None:
+        return getattr(self.cfg, self._check_split(split))
 
     def _records(self, split: str, column_sets: list[tuple[str, ...]]) -> list[dict[str, str]]:
-        src = self._source(split)
+        read = self.source_split(self._check_split(split))
+        src = self._source(read)
         if src is None:
-            raise ConfigError(f"task.{split}: the file task needs a JSONL/CSV/Parquet path or a hub dataset id")
-        _, recs = read_records(src, column_sets, split)
-        return self.limit(recs, self.cfg.train_limit if split == "train" else self.cfg.dev_limit)
+            raise ConfigError(f"task.{read}: the file task needs a JSONL/CSV/Parquet path or a hub dataset id")
+        _, recs = read_records(src, column_sets, read)
+        return self.split_rows(recs, split, src)
 
     def _examples(self, split: str) -> list[Example]:
         recs = self._records(split, [SFT_COLUMNS, SFT_FROM_PREF + ("rejected",)])
@@ -241,19 +246,19 @@ class FileTask(Task):
         return self._examples("train")
 
     def dev_examples(self) -> list[Example]:
-        """The dev completions; [] without task.dev."""
-        return [] if self.cfg.dev is None else self._examples("dev")
+        """The dev completions (or the validation split's); [] without either."""
+        return [] if self.cfg.dev is None and self.cfg.validation is None else self._examples("dev")
 
     def preference_pairs(self, split: str = "train") -> list[Pair]:
         recs = self._records(split, [PREF_COLUMNS])
         return [Pair(r["prompt"], r["chosen"], r["rejected"], r["id"]) for r in recs]
 
     def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
-        if self.cfg.dev is None:
-            return {}
         examples = self.dev_examples()
+        if not examples:
+            return {}
         per_nll = completion_nll_per_example(lm, examples, batch_size, self.cfg.overlength, self.append_eos,
-                                             source=self.cfg.dev)
+                                             source=self.cfg.dev or f"{self.cfg.train} (validation split)")
         nll, tokens = sum(n for n, _ in per_nll), sum(t for _, t in per_nll)
         loss = nll / tokens
         # Per example: the completion's mean log-likelihood per token as its score (higher is better).

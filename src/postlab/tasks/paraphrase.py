@@ -79,14 +79,14 @@ class Paraphrase(Task):
                     "predicted_yes_rate": MetricSpec("ratio")}
 
     def _load(self, split: str) -> list[tuple[str, str, str, int]]:
-        default = data_dir() / "quora" / f"quora-{split}.tsv"
-        src = getattr(self.cfg, split) or str(default)
-        limit = self.cfg.train_limit if split == "train" else self.cfg.dev_limit
+        read = self.source_split(split)
+        default = data_dir() / "quora" / f"quora-{read}.tsv"
+        src = getattr(self.cfg, read) or str(default)
         if is_hub_id(src):
-            rows = read_hub(src, "train" if split == "train" else "validation")
+            rows = read_hub(src, "train" if read == "train" else "validation")
         else:
-            rows = read_pairs(require_file(src, f"paraphrase {split} file"))
-        return self.limit(rows, limit)
+            rows = read_pairs(require_file(src, f"paraphrase {read} file"))
+        return self.split_rows(rows, split, src)
 
     @staticmethod
     def prompt(q1: str, q2: str) -> str:

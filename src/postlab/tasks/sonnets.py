@@ -135,14 +135,18 @@ class Sonnets(Task):
         return Example(prompt_text(lines), continuation_text(lines), str(number))
 
     def train_examples(self) -> list[Example]:
-        sonnets = parse_sonnets(self._path("train"))
-        return self.limit([self.example(n, lines) for n, lines in sonnets], self.cfg.train_limit)
+        path = self._path("train")
+        return [self.example(n, lines) for n, lines in self.split_rows(parse_sonnets(path), "train", str(path))]
 
     def held_out(self) -> list[tuple[int, list[str]]]:
         """(number, true lines) of the dev sonnets, checked against the prompt file: the same sonnets in
         the same order, each prompt equal to the first 3 lines of its reference. Files that number
         their sonnets differently (the course's held-out files number theirs from 0 under a
-        `--Generated Sonnets--` header) pair up by order when the counts match; the log says so."""
+        `--Generated Sonnets--` header) pair up by order when the counts match; the log says so.
+        With task.validation, the last sonnets of the training file instead."""
+        if self.cfg.validation is not None:
+            path = self._path("train")
+            return self.split_rows(parse_sonnets(path), "dev", str(path))
         prompt_path, ref_path = self._path("dev"), self._path("dev_reference")
         prompts = parse_sonnets(prompt_path, min_lines=PROMPT_LINES)
         refs = parse_sonnets(ref_path)
@@ -169,7 +173,7 @@ class Sonnets(Task):
         held = self.held_out()
         examples = [self.example(n, lines) for n, lines in held]
         per_nll = completion_nll_per_example(lm, examples, batch_size, self.cfg.overlength, self.append_eos,
-                                             source=str(self._path("dev_reference")))
+                                             source=str(self._path(self.source_split("dev_reference"))))
         mean_nll = sum(n for n, _ in per_nll) / sum(t for _, t in per_nll)
         generated = generate(lm, [ex.prompt for ex in examples], self.cfg.generation, desc="generating sonnets")
         conts = [cut_continuation(g) for g in generated]
