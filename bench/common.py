@@ -18,7 +18,8 @@ from postlab.data import Example, Pair, tokenize
 from postlab.objectives import get_objective
 from postlab.parameterizations import prepare
 from postlab.runlog import MetricsLog
-from postlab.train import StageInputs, StagePlan, train_stage
+from postlab.stage import StageInputs, StagePlan
+from postlab.train import train_stage
 
 
 def case_data(task: str, kind: str, n: int, data: str) -> list[Example] | list[Pair]:
@@ -58,8 +59,7 @@ def postlab_stage(lm, objective: str, raw, batch: int, lr: float, append_eos: bo
         t0 = time.perf_counter()
         ref = cached_token_logps(lm, items, "reference", cfg.eval_batch_size, Path(d)) if spec.needs_reference else None
         t_ref = time.perf_counter() - t0
-        args = spec.args(**{k: v for k, v in obj.items() if k != "name"})
-        out = train_stage(lm, StagePlan(cfg, spec, args, items, Path(d), 0, StageInputs(reference=ref)),
+        out = train_stage(lm, StagePlan(cfg, items, Path(d), 0, StageInputs(reference=ref)),
                           MetricsLog(Path(d) / "m.jsonl"), lambda step, final: {})
         seconds = time.perf_counter() - t0
         train = [r for r in map(json.loads, (Path(d) / "m.jsonl").read_text().splitlines())

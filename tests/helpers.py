@@ -41,18 +41,17 @@ def split_step_plan(lm, tmp_path: Path, objective: str):
     from postlab.config import StageConfig, TaskConfig
     from postlab.data import tokenize
     from postlab.logprobs import cached_token_logps
-    from postlab.objectives import get_objective
+    from postlab.stage import StageInputs, StagePlan
     from postlab.tasks import get_task
-    from postlab.train import StageInputs, StagePlan
 
     task = get_task(TaskConfig(name="paraphrase", train=str(write_pairs(tmp_path / "p.tsv", 32))))
     raw = task.preference_pairs() if objective == "dpo" else task.train_examples()
     items, _ = tokenize(raw, lm.tokenizer, 128, append_eos=False)
-    cfg = StageConfig(optim={"lr": 1e-3, "batch_size": 4, "grad_accum": 2, "forward_rows": 2}, epochs=1,
-                      eval_at_start=False, log_every=1000)
-    spec = get_objective(objective)
-    reference = cached_token_logps(lm, items, "reference", 8, tmp_path / "ref") if spec.needs_reference else None
-    return StagePlan(cfg, spec, spec.args(), items, tmp_path / "stage", 0, StageInputs(reference=reference))
+    cfg = StageConfig(objective={"name": objective}, optim={"lr": 1e-3, "batch_size": 4, "grad_accum": 2,
+                      "forward_rows": 2}, epochs=1, eval_at_start=False, log_every=1000)
+    needs = cfg.objective.spec.needs_reference
+    reference = cached_token_logps(lm, items, "reference", 8, tmp_path / "ref") if needs else None
+    return StagePlan(cfg, items, tmp_path / "stage", 0, StageInputs(reference=reference))
 
 
 def final_weights(out: Path, stage: str = "0-sft") -> dict[str, torch.Tensor]:

@@ -52,9 +52,9 @@ def test_a_stage_trains_weights_outside_the_file_mapping(tiny_llama, tmp_path, m
     seen = []
     real = train_mod._optimizer_step
 
-    def watching_step(model, *a, **k):
-        out = real(model, *a, **k)
-        seen.append(any(_mapped([p for p in model.parameters() if p.requires_grad])))
+    def watching_step(loop):
+        out = real(loop)
+        seen.append(any(_mapped([p for p in loop.model.parameters() if p.requires_grad])))
         return out
 
     monkeypatch.setattr(train_mod, "_optimizer_step", watching_step)

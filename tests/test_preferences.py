@@ -212,7 +212,7 @@ def sampler_hash(home: Path, before: set[Path]) -> str:
 
 def test_stage_items_picks_the_sampler(tiny_llama, sonnet_files, tmp_path, monkeypatch):
     from postlab.config import ModelConfig
-    from postlab.run import stage_items
+    from postlab.stage import stage_items
 
     monkeypatch.setenv("POSTLAB_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("POSTLAB_CACHE", str(tmp_path / "home" / "cache"))
@@ -234,8 +234,8 @@ def test_stage_items_picks_the_sampler(tiny_llama, sonnet_files, tmp_path, monke
 
     seen: set[Path] = set()
     for source, expected in [("stage-start", policy_hash), ("base", base_hash), (str(ckpt), other_hash)]:
-        task, spec, items = stage_items(policy, stage(source, sonnet_files), mcfg)
-        assert spec.kind == "preference" and len(items) == 2 and len(items[0].completions) == 2
+        task, items = stage_items(policy, stage(source, sonnet_files), mcfg)
+        assert len(items) == 2 and len(items[0].completions) == 2
         assert sampler_hash(home, seen) == expected, source
         seen = set((home / "cache" / "samples").glob("*.json"))
     with pytest.raises(ConfigError, match="rejected_from=base"):

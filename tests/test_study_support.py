@@ -96,7 +96,7 @@ def test_keep_weights_false_is_refused_where_weights_are_read(tmp_path, stage, m
 
 
 def test_what_a_stage_keeps_does_not_change_its_reuse_key(tmp_path):
-    from postlab.run import stage_prefix_key
+    from postlab.stage import stage_prefix_key
 
     a = run_config(Path("m"), tmp_path / "a", tmp_path / "p.tsv", save_model=True)
     b = run_config(Path("m"), tmp_path / "b", tmp_path / "p.tsv", save_model=False, keep_weights=False)

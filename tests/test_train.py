@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from postlab.config import parse_run_config
 from postlab.data import Example, tokenize
 from postlab.models import load_lm
-from postlab.objectives import get_objective
 from postlab.run import run
 from postlab.tasks import get_task
 from postlab.config import TaskConfig, StageConfig
 from postlab.runlog import MetricsLog
-from postlab.train import StagePlan, train_stage
+from postlab.stage import StagePlan
+from postlab.train import train_stage
 
 from helpers import final_weights, run_config, write_pairs
 
@@ -28,12 +28,11 @@ def test_tiny_model_overfits_fixed_batch(tiny_llama):
     items, _ = tokenize(examples, lm.tokenizer, 128)
     cfg = StageConfig(optim={"lr": 3e-3, "batch_size": 4, "schedule": "constant"}, epochs=150,
                       eval_at_start=False, log_every=1)
-    spec = get_objective("nll")
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         log = MetricsLog(Path(d) / "metrics.jsonl")
-        train_stage(lm, StagePlan(cfg, spec, spec.args(), items, Path(d), 0), log, lambda step, final: {})
+        train_stage(lm, StagePlan(cfg, items, Path(d), 0), log, lambda step, final: {})
         losses = [r["loss"] for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
 
@@ -167,13 +166,13 @@ def test_max_completion_tokens_cuts_training_answers_without_eos(tiny_llama):
 
 def test_a_stage_trains_on_answers_cut_to_max_completion_tokens(tiny_llama, tmp_path):
     from postlab.config import StageConfig
-    from postlab.run import stage_items
+    from postlab.stage import stage_items
 
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"prompt": "Tell a story:", "completion": " once upon a time" * 10}) + "\n")
     lm = load_lm(str(tiny_llama), device="cpu", precision="fp32")
     stage = StageConfig(task={"name": "file", "train": str(data), "max_completion_tokens": 5})
-    _, _, items = stage_items(lm, stage)
+    _, items = stage_items(lm, stage)
     assert [len(c) for c in items[0].completions] == [5]
 
 
@@ -196,7 +195,7 @@ def test_a_finished_stage_keeps_no_optimizer_state(tiny_llama, tmp_path, monkeyp
     the one written as the stage ends does not. A run stopped after it (while writing done.json, before
     the checkpoint is dropped for model/) resumes to the same weights without a step; if the stage then
     has steps left (its data grew), it says so."""
-    import postlab.run as run_mod
+    import postlab.stage as stage_mod
     import postlab.train as train_mod
     from postlab.errors import TrainingError
 
@@ -209,7 +208,7 @@ def test_a_finished_stage_keeps_no_optimizer_state(tiny_llama, tmp_path, monkeyp
         kept.append((state["epoch"], optimizer_state is not None))
         real_save(path, weights, optimizer_state, scheduler, state)
 
-    real_write = run_mod.atomic_write_json
+    real_write = stage_mod.atomic_write_json
 
     def stopped_at_done(path, obj):
         if Path(path).name == "done.json":
@@ -217,7 +216,7 @@ def test_a_finished_stage_keeps_no_optimizer_state(tiny_llama, tmp_path, monkeyp
         real_write(path, obj)
 
     monkeypatch.setattr(train_mod, "save_checkpoint", recording_save)
-    monkeypatch.setattr(run_mod, "atomic_write_json", stopped_at_done)
+    monkeypatch.setattr(stage_mod, "atomic_write_json", stopped_at_done)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     assert kept == [(1, True), (2, False)]

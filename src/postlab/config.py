@@ -6,13 +6,16 @@ A run is a list of stages; a stage is data (task) + objective + parameterization
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, format_validation_error  # noqa: F401 (format_validation_error: re-exported)
 from .tasks.base import GenerationConfig, PairsConfig, TaskConfig  # noqa: F401 (tasks own their config; re-exported)
+
+if TYPE_CHECKING:
+    from .objectives import ObjectiveArgs, ObjectiveSpec
 
 
 class Strict(BaseModel):
@@ -68,21 +71,36 @@ class OptimConfig(Strict):
 
 
 class ObjectiveConfig(BaseModel):
-    """`name` plus the objective's own knobs (validated against the objective's args model)."""
+    """`name` plus the objective's own knobs, parsed once, as the config is validated, into the
+    objective's typed args (`typed_args`), which the stage carries to the loss."""
 
     model_config = ConfigDict(extra="allow")
     name: str = "nll"
+    _typed_args: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _check_args(self) -> "ObjectiveConfig":
+    def _parse_args(self) -> "ObjectiveConfig":
         from .objectives import get_objective, parse_args
 
-        parse_args(get_objective(self.name), self.args)
+        self._typed_args = parse_args(get_objective(self.name), self.args)
         return self
 
     @property
     def args(self) -> dict[str, Any]:
+        """The knobs as written (what config.yaml holds)."""
         return dict(self.model_extra or {})
+
+    @property
+    def typed_args(self) -> ObjectiveArgs:
+        """The knobs as the objective's args model (an ObjectiveArgs), parsed when the config was validated."""
+        return self._typed_args
+
+    @property
+    def spec(self) -> ObjectiveSpec:
+        """The registered objective (an ObjectiveSpec): its loss, kind and the models it needs."""
+        from .objectives import get_objective
+
+        return get_objective(self.name)
 
 
 class StageConfig(Strict):

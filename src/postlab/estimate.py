@@ -241,7 +241,7 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
                                 else default_throughput(m))
         return throughputs[key]
 
-    from .run import stage_prefix_key
+    from .stage import stage_prefix_key
 
     out = []
     trained: set[str] = set()  # stages that an earlier run trains (a later identical one is reused)

@@ -1,6 +1,7 @@
 """The one training loop. It knows nothing of any algorithm: it batches tokenized items, computes
 policy log-probs at scored positions, attaches cached reference/teacher log-probs, and hands them to
-the stage's objective (a pure function) for a loss."""
+the stage's objective (a pure function) for a loss. What it trains with is a StagePlan (postlab.stage);
+the steps share one small state (`_Loop`)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +10,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -20,14 +20,17 @@ from . import distributed as dist
 from . import faults
 from .checkpoint import existing_dir, load_checkpoint, save_checkpoint
 from .config import StageConfig
-from .data import Tokenized, length_grouped_batches, score_batch
+from .data import length_grouped_batches, score_batch
 from .decoder import compiled_body
 from .errors import TrainingError
 from .fsdp import strategy as parallel_strategy
 from .logprobs import score
 from .models import LM, own_trainable_weights
-from .objectives import ObjectiveArgs, ObjectiveSpec, PairLogps, TokenLogps
+from .objectives import ObjectiveSpec, PairLogps, TokenLogps
 from .runlog import MetricsLog
+
+if TYPE_CHECKING:
+    from .stage import StagePlan  # (postlab.stage builds the plan and calls train_stage)
 
 log = logging.getLogger("postlab")
 
@@ -36,20 +39,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def cached_logps(cache: list[list[torch.Tensor]], idx: list[int], n_slots: int) -> torch.Tensor:
-    """Cached per-token values (log-probs, or top-k rows of them) laid out like a score batch's
-    answers (completion-major): [answers, slots, ...]."""
-    n_comp = len(cache[idx[0]])
-    first = cache[idx[0]][0]
-    out = torch.zeros(n_comp * len(idx), n_slots, *first.shape[1:],
-                      dtype=torch.long if first.dtype == torch.int32 else first.dtype)
-    for k in range(n_comp):
-        for b, i in enumerate(idx):
-            t = cache[i][k]
-            out[k * len(idx) + b, :len(t)] = t
-    return out
 
 
 def objective_inputs(spec: ObjectiveSpec, logps, mask, n_items: int, **cached) -> TokenLogps | PairLogps:
@@ -100,47 +89,6 @@ def make_optimizer(model: torch.nn.Module, cfg: StageConfig, total_steps: int, f
 
 
 @dataclass
-class StageInputs:
-    """The cached constants an objective declares it needs (its roles), per training item: per-token
-    log-probs of the reference and of the teacher, and (log-probs, token ids) of the top-k tokens of
-    the one the objective compares whole distributions with. Computed once before the stage."""
-
-    reference: list[list[torch.Tensor]] | None = None
-    teacher: list[list[torch.Tensor]] | None = None
-    topk: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None
-
-    def for_batch(self, idx: list[int], n_slots: int, device: torch.device) -> tuple[dict, torch.Tensor | None]:
-        """(the objective's cached fields laid out like the batch's log-probs, the top-k token ids to
-        score the policy at, or None)."""
-        # non_blocking: a blocking copy to a GPU waits for the device to finish the work queued so far
-        cached = {name: cached_logps(c, idx, n_slots).to(device, non_blocking=True)
-                  for name, c in (("reference", self.reference), ("teacher", self.teacher)) if c is not None}
-        if self.topk is None:
-            return cached, None
-        cached["topk_target"] = cached_logps(self.topk[0], idx, n_slots).to(device, non_blocking=True)
-        return cached, cached_logps(self.topk[1], idx, n_slots).to(device, non_blocking=True)
-
-
-@dataclass
-class StagePlan:
-    """Everything a stage trains with, parsed and built once (postlab.run builds it)."""
-
-    cfg: StageConfig
-    spec: ObjectiveSpec
-    args: ObjectiveArgs  # the objective's knobs, parsed
-    items: list[Tokenized]
-    stage_dir: Path
-    seed: int
-    inputs: StageInputs = field(default_factory=StageInputs)
-    parallel: str = "ddp"  # how several processes share the work (ddp or fsdp; see distributed.py, fsdp.py)
-    compile: str | None = None  # a torch.compile backend for the body's training forwards (model.compile)
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.stage_dir / "checkpoint"
-
-
-@dataclass
 class Progress:
     """Where a stage is; saved with each checkpoint and restored on resume."""
 
@@ -150,6 +98,25 @@ class Progress:
     tokens: int = 0
     wall_s: float = 0.0
     last_eval: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Loop:
+    """What every step of a stage shares, built once by train_stage: the model it trains (lm.model, or
+    with fsdp its sharded copy) and how the processes share it, the optimizer and its scheduler, the
+    batches, where the stage is, and where dev results and records go."""
+
+    lm: LM
+    plan: StagePlan
+    par: Any  # distributed.Replicated or fsdp.FullyShard (fsdp.strategy)
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any  # a transformers learning-rate scheduler
+    schedule: Schedule
+    at: Progress
+    metrics: MetricsLog
+    evaluate: Callable[[int, bool], dict[str, float]]
+    t_start: float  # perf_counter() when the stage started (a resumed stage's earlier time included)
 
 
 def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog,
@@ -172,22 +139,22 @@ def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog,
     par = parallel_strategy(plan.parallel)
     model = par.prepare(lm)  # lm.model, or (fsdp) its sharded copy
     opt, sched = make_optimizer(model, cfg, total, fused=par.fused_optimizer())
+    loop = _Loop(lm, plan, par, model, opt, sched, schedule, at, metrics, evaluate, time.perf_counter() - at.wall_s)
     if saved is not None:
-        _restore_optimizer(par, model, opt, sched, saved, plan.checkpoint, at.step < total)
-    t_start = time.perf_counter() - at.wall_s
+        _restore_optimizer(loop, saved)
     if at.step == 0 and (cfg.eval_at_start or total == 0):  # max_steps: 0 evaluates only
-        _evaluate(lm, par, at, evaluate, metrics, cfg.name, 0.0, final=total == 0)
+        _evaluate(loop, 0.0, final=total == 0)
     model.train()
     bar = tqdm(total=total, initial=at.step, desc=f"{cfg.name} ({plan.spec.name})", unit="step", dynamic_ncols=True,
                disable=not dist.is_main())
     pending = _Pending(plan, at, metrics, bar)
     with compiled_body(model, plan.compile), dropout_off(model, _dropout_disabled(plan)):
-        _train_epochs(lm, plan, par, model, opt, sched, schedule, at, pending, evaluate, metrics, t_start, bar)
+        _train_epochs(loop, pending)
     pending.flush()
     bar.close()
     par.finish(lm)
     peaks = [round(m, 1) for m in dist.per_process(peak_memory_mb(lm.device))]
-    return {"steps": at.step, "tokens": at.tokens, "wall_s": round(time.perf_counter() - t_start, 2),
+    return {"steps": at.step, "tokens": at.tokens, "wall_s": round(time.perf_counter() - loop.t_start, 2),
             "peak_mem_mb": max(peaks), **({"peak_mem_mb_per_process": peaks} if len(peaks) > 1 else {}),
             "device": str(lm.device), "metrics": at.last_eval}
 
@@ -218,34 +185,34 @@ def dropout_off(model: torch.nn.Module, off: bool):
             setattr(m, name, value)
 
 
-def _train_epochs(lm, plan, par, model, opt, sched, schedule, at, pending, evaluate, metrics, t_start, bar) -> None:
-    """The epochs and steps of a stage, from where `at` says it is."""
-    cfg, total = plan.cfg, schedule.total_steps
+def _train_epochs(loop: _Loop, pending: _Pending) -> None:
+    """The epochs and steps of a stage, from where `loop.at` says it is."""
+    cfg, at, total = loop.plan.cfg, loop.at, loop.schedule.total_steps
     while at.step < total and at.epoch < cfg.epochs:
-        groups = schedule.groups(at.epoch)
+        groups = loop.schedule.groups(at.epoch)
         for g in range(at.group, len(groups)):
             if at.step >= total:
                 break
-            values = _forward_backward(lm, plan, par, groups[g])
-            grad_norm = _optimizer_step(model, par, opt, sched, cfg.optim.grad_clip)
+            values = _forward_backward(loop, groups[g])
+            grad_norm = _optimizer_step(loop)
             at.step += 1
             ep_float = at.epoch + (g + 1) / len(groups)
-            pending.add(at.step, ep_float, values, grad_norm, sched.get_last_lr()[0])
+            pending.add(at.step, ep_float, values, grad_norm, loop.sched.get_last_lr()[0])
             if at.step % cfg.log_every == 0 or at.step == total:
                 pending.flush(record=True)
-            bar.update(1)
+            pending.bar.update(1)
             mid_epoch = g < len(groups) - 1
             if mid_epoch and cfg.eval_every_steps and at.step % cfg.eval_every_steps == 0:
                 pending.flush()
-                _evaluate(lm, par, at, evaluate, metrics, cfg.name, ep_float, final=False)
+                _evaluate(loop, ep_float, final=False)
             if mid_epoch and cfg.save_every_steps and at.step % cfg.save_every_steps == 0:
                 pending.flush()  # (a non-finite loss stops here: no checkpoint holds its update)
-                _save(plan, par, model, opt, sched, at, t_start, group=g + 1)
+                _save(loop, group=g + 1)
         at.epoch, at.group = at.epoch + 1, 0
         pending.flush()
         finished = at.step >= total or at.epoch >= cfg.epochs
-        _evaluate(lm, par, at, evaluate, metrics, cfg.name, float(at.epoch), final=finished)
-        _save(plan, par, model, opt, sched, at, t_start, group=0, finished=finished)
+        _evaluate(loop, float(at.epoch), final=finished)
+        _save(loop, group=0, finished=finished)
 
 
 class _Pending:
@@ -323,32 +290,34 @@ def _resume(lm: LM, plan: StagePlan, metrics: MetricsLog, total: int) -> tuple[P
     return at, (optim_state, sched_state)
 
 
-def _restore_optimizer(par, model, opt, sched, saved: tuple, ckpt: Path, steps_left: bool) -> None:
+def _restore_optimizer(loop: _Loop, saved: tuple) -> None:
     optim_state, sched_state = saved
+    ckpt = loop.plan.checkpoint
     if optim_state is None:  # a finished stage's checkpoint: nothing left to train, no optimizer kept
-        if steps_left:
+        if loop.at.step < loop.schedule.total_steps:
             raise TrainingError(f"{existing_dir(ckpt)}: the checkpoint of a finished stage (no optimizer state), "
                                 f"but the stage now has steps left (did its data change?); delete the checkpoint "
                                 f"to train the stage again")
         return
     try:
-        par.load_optimizer_state(model, opt, optim_state)
+        loop.par.load_optimizer_state(loop.model, loop.opt, optim_state)
     except TrainingError as e:
         raise TrainingError(f"{existing_dir(ckpt)}: {e}") from None
-    sched.load_state_dict(sched_state)
+    loop.sched.load_state_dict(sched_state)
 
 
-def _forward_backward(lm: LM, plan: StagePlan, par, group: list[list[int]]) -> dict[str, torch.Tensor]:
+def _forward_backward(loop: _Loop, group: list[list[int]]) -> dict[str, torch.Tensor]:
     """Gradients of one optimizer step's micro-batches, accumulated (each forward weighted by its share
     of its micro-batch). Returns the step's loss, tokens and objective metrics as device tensors,
     summed over processes; nothing here waits for the device."""
+    lm, plan = loop.lm, loop.plan
     cfg, device, pad = plan.cfg, lm.device, lm.tokenizer.pad_token_id
     values: dict[str, torch.Tensor] = {}
     tokens = 0
     for full_idx in group:
         # this process's share of the micro-batch (all of it in one process), in forwards of at most
         # forward_rows rows
-        for idx, share in par.forwards(plan.items, full_idx, cfg.optim.forward_rows or cfg.optim.batch_size):
+        for idx, share in loop.par.forwards(plan.items, full_idx, cfg.optim.forward_rows or cfg.optim.batch_size):
             batch = score_batch([plan.items[i] for i in idx], pad).to(device)
             cached, at_tokens = plan.inputs.for_batch(idx, batch.n_slots, device)
             if at_tokens is None:
@@ -372,40 +341,41 @@ def _forward_backward(lm: LM, plan: StagePlan, par, group: list[list[int]]) -> d
     return values
 
 
-def _optimizer_step(model: torch.nn.Module, par, opt, sched, grad_clip: float | None) -> torch.Tensor:
+def _optimizer_step(loop: _Loop) -> torch.Tensor:
     """Sum the gradients over processes (so every process takes the same step), clip, step, schedule,
     zero; returns the gradient norm before clipping (a device tensor)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in loop.model.parameters() if p.requires_grad]
     if dist.world_size() > 1:
-        par.reduce_gradients(params)
-    gn = par.clip_gradients(params, grad_clip or float("inf"))
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
+        loop.par.reduce_gradients(params)
+    gn = loop.par.clip_gradients(params, loop.plan.cfg.optim.grad_clip or float("inf"))
+    loop.opt.step()
+    loop.sched.step()
+    loop.opt.zero_grad(set_to_none=True)
     return gn
 
 
-def _evaluate(lm: LM, par, at: Progress, evaluate, metrics: MetricsLog, stage: str, epoch: float,
-              final: bool) -> None:
+def _evaluate(loop: _Loop, epoch: float, final: bool) -> None:
     """Evaluate on the main process (the others wait) and log a dev record."""
-    with par.whole_model(lm):
+    at, stage = loop.at, loop.plan.cfg.name
+    with loop.par.whole_model(loop.lm):
         with dist.main_only(f"stage {stage}: the evaluation at step {at.step}"):
             if dist.is_main():
                 t = time.perf_counter()
-                at.last_eval = evaluate(at.step, final)
-                metrics.write({"stage": stage, "split": "dev", "step": at.step, "epoch": round(epoch, 4),
-                               "eval_s": round(time.perf_counter() - t, 2), **at.last_eval})
+                at.last_eval = loop.evaluate(at.step, final)
+                loop.metrics.write({"stage": stage, "split": "dev", "step": at.step, "epoch": round(epoch, 4),
+                                    "eval_s": round(time.perf_counter() - t, 2), **at.last_eval})
 
 
-def _save(plan: StagePlan, par, model, opt, sched, at: Progress, t_start: float, group: int,
-          finished: bool = False) -> None:
+def _save(loop: _Loop, group: int, finished: bool = False) -> None:
     """Checkpoint the weights, optimizer and scheduler and where the stage is (main process writes).
     A `finished` stage's checkpoint keeps no optimizer state: a run resumes only with the same
     config, so nothing will train from it again (for AdamW in fp32 that is twice the weights' size)."""
-    weights, optim_state = par.checkpoint_state(model, None if finished else opt)  # gathered to the main process
-    with dist.main_only(f"stage {plan.cfg.name}: the checkpoint at step {at.step}"):
+    at = loop.at
+    # gathered to the main process
+    weights, optim_state = loop.par.checkpoint_state(loop.model, None if finished else loop.opt)
+    with dist.main_only(f"stage {loop.plan.cfg.name}: the checkpoint at step {at.step}"):
         if dist.is_main():
-            save_checkpoint(plan.checkpoint, weights, optim_state, sched,
+            save_checkpoint(loop.plan.checkpoint, weights, optim_state, loop.sched,
                             {"step": at.step, "epoch": at.epoch, "group": group, "tokens": at.tokens,
-                             "wall_s": time.perf_counter() - t_start, "last_eval": at.last_eval,
+                             "wall_s": time.perf_counter() - loop.t_start, "last_eval": at.last_eval,
                              "postlab": __version__})
