@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from postlab.logprobs import cached_token_logps
 from postlab.config import StageConfig
 from postlab.data import Example, Pair, tokenize
+from postlab.logprobs import cached_token_logps
 from postlab.objectives import get_objective
 from postlab.parameterizations import prepare
 from postlab.runlog import MetricsLog

@@ -46,9 +46,8 @@ def measure(own: bool) -> dict:
 
 
 def stage(own: bool, kind: str, precision: str, data: str) -> dict:
-    from common import case_data, postlab_stage
-
     import postlab.train
+    from common import case_data, postlab_stage
     from postlab.models import load_lm
 
     if not own:

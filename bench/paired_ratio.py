@@ -6,7 +6,7 @@ Each repeat of vs_trl.py (TRL then postlab), of vs_commit.py (the past commit th
 allocator.py (one process per setting) and of inference_casts.py (one region per forward, then per
 pass) ran side by side, so its ratio is one
 paired observation. Reports the geometric mean of the ratios with a
-Student-t interval on their logarithms (postlab.stats.summarize): an interval that holds 1 (or a
+Student-t interval on their logarithms (postlab.report.stats.summarize): an interval that holds 1 (or a
 target such as 3x) is not evidence either way, and its half-width is the smallest effect these
 repeats could have resolved.
 """
@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from postlab.stats import summarize
+from postlab.report.stats import summarize
 
 
 def ratio_ci(ratios: list[float]) -> dict:

@@ -1,4 +1,4 @@
-"""Calibration of the seed x example test (postlab.paired) by simulation: false-positive rate under
+"""Calibration of the seed x example test (postlab.report.paired) by simulation: false-positive rate under
 the null and power at the planner's detectable effect, over a grid of variance components, seeds and
 dev sizes. Also the two tests it combines, alone (the crossed test without the seed-level guard, and
 the paired t-test over seeds), to show why both are needed. docs/statistics.md quotes its output.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from postlab.paired import Components, crossed_from_mean_squares, detectable_effect, mean_squares
+from postlab.report.paired import Components, crossed_from_mean_squares, detectable_effect, mean_squares
 
 # (seed SD, example SD, residual SD) of a per-example difference; seeds; dev examples
 GRID = [

@@ -14,8 +14,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from postlab.cli import main
 from helpers import write_pairs
+from postlab.cli import main
 
 HERE = Path(__file__).parent / "bad_inputs"
 CASES = yaml.safe_load((HERE / "cases.yaml").read_text(encoding="utf-8"))

@@ -5,11 +5,10 @@ import json
 
 import torch
 
+from helpers import run_config, write_pairs
 from postlab.cli import main
 from postlab.config import parse_run_config
 from postlab.run import run
-
-from helpers import run_config, write_pairs
 
 
 def test_export_merge_eval_generate(tiny_llama, tmp_path, capsys):

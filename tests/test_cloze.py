@@ -89,9 +89,8 @@ def test_evaluate_writes_metrics_per_example_stats_and_predictions(tiny_llama, t
 def test_paraphrase_is_a_cloze_task_with_its_own_format(tiny_llama, tmp_path):
     """The same pairs read as paraphrase and as cloze (same template and answers) give the same
     predictions: paraphrase shares cloze's classification code."""
-    from postlab.tasks.paraphrase import LABELS, TEMPLATE
-
     from helpers import write_pairs
+    from postlab.tasks.paraphrase import LABELS, TEMPLATE
 
     tsv = write_pairs(tmp_path / "pairs.tsv", n=12)
     jsonl = tmp_path / "pairs.jsonl"

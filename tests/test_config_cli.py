@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from postlab.config import apply_overrides, load_run_config, parse_run_config
+from postlab.config import TaskConfig, apply_overrides, load_run_config, parse_run_config
 from postlab.errors import ConfigError, DataError
 from postlab.tasks import get_task
-from postlab.config import TaskConfig
 
 
 def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:

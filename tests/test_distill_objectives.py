@@ -143,10 +143,10 @@ def test_kd_and_dadpo_stages_read_a_cached_teacher(tiny_llama, teacher_model, tm
 
 
 def test_teacher_objective_without_teacher_is_refused(tiny_llama, tmp_path):
+    from helpers import run_config, write_pairs
     from postlab.config import parse_run_config
     from postlab.errors import ConfigError
     from postlab.run import run
-    from helpers import run_config, write_pairs
 
     data = write_pairs(tmp_path / "p.tsv", 8)
     with pytest.raises(ConfigError, match="needs a teacher; set teacher: MODEL"):

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import sacrebleu
 
+from helpers import write_pairs
 from postlab.cli import main
 from postlab.config import GenerationConfig, TaskConfig, parse_run_config
 from postlab.errors import ConfigError
@@ -23,7 +24,6 @@ from postlab.study import load_study
 from postlab.tasks import get_task
 from postlab.tasks.files import FileTask
 from postlab.tasks.sonnets import continuation_text, parse_sonnets
-from helpers import write_pairs
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

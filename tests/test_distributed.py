@@ -10,11 +10,10 @@ import pytest
 import torch
 import yaml
 
-from postlab.config import parse_run_config
-from postlab.run import run
-
 from conftest import tolerance
 from helpers import final_weights, run_config, write_pairs
+from postlab.config import parse_run_config
+from postlab.run import run
 
 
 def free_port() -> int:

@@ -7,13 +7,12 @@ import logging
 
 import pytest
 
+from helpers import final_weights, run_config, write_pairs
 from postlab.config import TaskConfig, parse_run_config
 from postlab.evaluate import implicit_rewards
 from postlab.models import load_lm
 from postlab.run import run
 from postlab.tasks import get_task
-
-from helpers import final_weights, run_config, write_pairs
 
 
 def test_tiny_dpo_reward_accuracy_rises_above_09(tiny_llama, tmp_path):

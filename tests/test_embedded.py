@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from postlab.config import TaskConfig
+from postlab.config import ParameterizationConfig, TaskConfig
 from postlab.models import embedded_model_dir, load_lm
 from postlab.parameterizations import count_parameters, prepare
-from postlab.config import ParameterizationConfig
 from postlab.tasks import get_task
 
 pytestmark = pytest.mark.slow

@@ -18,9 +18,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from helpers import outcome, tiny_study
-from helpers import write_pairs
-
+from helpers import outcome, tiny_study, write_pairs
 
 
 def postlab(args: list[str], cache: Path, **env) -> subprocess.CompletedProcess:

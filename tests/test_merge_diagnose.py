@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny_model
-from postlab.cli import main
 from helpers import write_pairs
+from postlab.cli import main
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -75,11 +75,11 @@ def test_merge_refuses_different_architectures(three_llamas, tmp_path, tokenizer
 
 
 def test_diagnose_rewards_kl_and_plot(three_llamas, tmp_path, capsys):
+    from postlab.config import TaskConfig
     from postlab.data import tokenize
     from postlab.diagnose import diagnose
     from postlab.models import load_lm
     from postlab.tasks import get_task
-    from postlab.config import TaskConfig
 
     data = write_pairs(tmp_path / "pairs.tsv", 6)
     pairs = get_task(TaskConfig(name="paraphrase", dev=str(data))).preference_pairs("dev")
@@ -117,9 +117,9 @@ def test_diagnose_rewards_kl_and_plot(three_llamas, tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["fft", "lora"])
 def test_expo_lambda_stage_option_extrapolates_the_stage_update(tiny_llama, tmp_path, method):
+    from helpers import run_config
     from postlab.config import parse_run_config
     from postlab.run import run
-    from helpers import run_config
 
     data = write_pairs(tmp_path / "pairs.tsv", 8)
     param = {"method": method, **({"lora": {"r": 4}} if method == "lora" else {})}

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from helpers import run_config, write_pairs
 from postlab.config import ParameterizationConfig, parse_run_config
 from postlab.models import _file_mapped_ranges, load_lm, own_trainable_weights
 from postlab.parameterizations import prepare
 from postlab.run import run
-
-from helpers import run_config, write_pairs
 
 
 def _mapped(params) -> list[bool]:

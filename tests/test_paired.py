@@ -1,4 +1,4 @@
-"""The seed x example comparison (postlab.paired) and metrics from per-example statistics
+"""The seed x example comparison (postlab.report.paired) and metrics from per-example statistics
 (postlab.metrics): known inputs against scipy and sacrebleu, then simulation: a null grid gives about
 5% false positives at alpha 0.05, and an effect planted at the planner's detectable size is found at
 about the stated 80% power. Pure numpy/scipy: no model, no precision involved."""
@@ -11,8 +11,17 @@ import pytest
 from scipy import stats as st
 
 from postlab.metrics import MetricSpec, PerExample, chrf, chrf_stats, class_stats, macro_f1
-from postlab.paired import (BOOTSTRAP, CROSSED, MCNEMAR, Components, compare_arms, crossed_test,
-                            detectable_effect, mean_squares, pseudo_values)
+from postlab.report.paired import (
+    BOOTSTRAP,
+    CROSSED,
+    MCNEMAR,
+    Components,
+    compare_arms,
+    crossed_test,
+    detectable_effect,
+    mean_squares,
+    pseudo_values,
+)
 from postlab.tasks.paraphrase import classification_metrics
 
 ACC = MetricSpec("ratio")

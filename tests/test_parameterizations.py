@@ -8,13 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import final_weights, run_config, write_pairs
 from postlab.cache import weights_hash
 from postlab.config import ParameterizationConfig, parse_run_config
 from postlab.models import load_lm
 from postlab.parameterizations import REGISTRY, Parameterization, adapter_of, prepare, register
 from postlab.run import run
-
-from helpers import final_weights, run_config, write_pairs
 
 
 def test_dora_stage_trains_adapter_and_magnitudes_keeps_base_and_reloads(tiny_llama, tmp_path):

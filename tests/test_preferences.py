@@ -16,8 +16,8 @@ import postlab.preferences as prefs
 from postlab.cache import weights_hash
 from postlab.config import GenerationConfig, PairsConfig, StageConfig, TaskConfig, parse_run_config
 from postlab.errors import ConfigError
-from postlab.models import load_lm
 from postlab.metrics import sentence_chrf as chrf
+from postlab.models import load_lm
 from postlab.preferences import build_pairs, draw_seed
 from postlab.tasks import get_task
 from postlab.tasks.sonnets import cut_continuation

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from helpers import outcome, run_config, write_pairs
 from postlab.cli import main
 from postlab.config import parse_run_config
 from postlab.errors import ModelError, TrainingError
 from postlab.objectives import REGISTRY, register
 from postlab.objectives.sft import nll
 from postlab.run import run
-from helpers import outcome
-from helpers import run_config, write_pairs
 
 CALLS = {"n": 0}
 

@@ -6,14 +6,13 @@ import json
 
 import torch
 
+from helpers import final_weights, run_config, write_pairs
 from postlab.cache import weights_hash
 from postlab.config import ParameterizationConfig, parse_run_config
 from postlab.models import load_lm
 from postlab.parameterizations import prepare
 from postlab.run import run
 from postlab.tasks.paraphrase import Paraphrase
-
-from helpers import final_weights, run_config, write_pairs
 
 
 def test_fresh_lora_hashes_like_its_base_and_trained_lora_does_not(tiny_llama):

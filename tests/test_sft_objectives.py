@@ -165,9 +165,9 @@ def test_score_at_matches_full_log_softmax(tiny_llama, precision):
 
 
 def test_asft_stage_trains_with_cached_reference_topk(tiny_llama, tmp_path, own_cache):
+    from helpers import run_config, write_pairs
     from postlab.config import parse_run_config
     from postlab.run import run
-    from helpers import run_config, write_pairs
 
     data = write_pairs(tmp_path / "pairs.tsv")
     cfg = parse_run_config(run_config(tiny_llama, tmp_path / "run", data, epochs=1,

@@ -1,4 +1,4 @@
-"""postlab.stats against scipy on hand-chosen inputs, plus the n=1 and zero-variance edge cases."""
+"""postlab.report.stats against scipy on hand-chosen inputs, plus the n=1 and zero-variance edge cases."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from postlab.stats import format_p, holm, paired_test, summarize
+from postlab.report.stats import format_p, holm, paired_test, summarize
 
 X = [0.81, 0.79, 0.84, 0.80, 0.83]
 

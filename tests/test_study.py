@@ -10,13 +10,12 @@ import pytest
 import torch
 import yaml
 
+from helpers import tiny_study, write_pairs, write_study
 from postlab import study as st
 from postlab.cli import main
-from postlab.estimate import estimate
 from postlab.errors import ConfigError, DataError, TrainingError
 from postlab.report import find_incomplete, load_runs
-
-from helpers import tiny_study, write_pairs, write_study
+from postlab.study.estimate import estimate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,7 +192,7 @@ def test_default_throughput_follows_the_cpu_and_names_where_it_was_measured(monk
     flagged as far slower."""
     from postlab import models
     from postlab.config import ModelConfig
-    from postlab.estimate import default_throughput
+    from postlab.study.estimate import default_throughput
 
     monkeypatch.setattr(models, "cpu_flags", lambda: frozenset(flags))
     t = default_throughput(ModelConfig(name="m", device="cpu", precision="auto"))

@@ -106,8 +106,8 @@ def test_what_a_stage_keeps_does_not_change_its_reuse_key(tmp_path):
 
 
 def test_the_plan_states_the_disk_footprint(tmp_path, tiny_llama):
-    from postlab.footprint import model_bytes, study_footprint
     from postlab.study import load_study, plan
+    from postlab.study.footprint import model_bytes, study_footprint
 
     path = tiny_study(tmp_path, tiny_llama, regimes=("sft", "dpo"), seeds=(0,))
     runs = plan(load_study(path))
@@ -123,7 +123,7 @@ def test_the_plan_states_the_disk_footprint(tmp_path, tiny_llama):
 
 
 def test_the_embedded_models_size_is_known_without_its_files(tmp_path, monkeypatch):
-    from postlab.footprint import adapter_bytes, model_bytes
+    from postlab.study.footprint import adapter_bytes, model_bytes
 
     monkeypatch.setenv("POSTLAB_HOME", str(tmp_path))  # nothing converted here
     assert model_bytes("smollm2-135m") == pytest.approx(538_090_408, rel=1e-3)  # its real safetensors file
@@ -175,7 +175,7 @@ def test_the_report_draws_dev_curves_across_stages_on_the_subset(tmp_path, tiny_
 
     from postlab.metrics import read_per_example
     from postlab.report import write_report
-    from postlab.results import dev_curve
+    from postlab.report.results import dev_curve
     from postlab.study import load_study, run_study
 
     path = tiny_study(tmp_path, tiny_llama, regimes=("sft",), seeds=(0,))

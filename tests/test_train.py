@@ -9,17 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from postlab.config import parse_run_config
+from helpers import final_weights, run_config, write_pairs
+from postlab.config import StageConfig, TaskConfig, parse_run_config
 from postlab.data import Example, tokenize
 from postlab.models import load_lm
 from postlab.run import run
-from postlab.tasks import get_task
-from postlab.config import TaskConfig, StageConfig
 from postlab.runlog import MetricsLog
 from postlab.stage import StagePlan
+from postlab.tasks import get_task
 from postlab.train import train_stage
-
-from helpers import final_weights, run_config, write_pairs
 
 
 def test_tiny_model_overfits_fixed_batch(tiny_llama):

@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 from . import faults
 from .errors import ModelError, TrainingError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

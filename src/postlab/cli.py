@@ -219,9 +219,8 @@ def cmd_study(a: argparse.Namespace) -> int:
                                "config": st.run_config(study_dir, r).model_dump(mode="json")} for r in mine],
                              indent=2, default=str))
             return 0
-        from .estimate import estimate
-
-        from .footprint import format_footprint, study_footprint
+        from .study.estimate import estimate
+        from .study.footprint import format_footprint, study_footprint
 
         estimates, notes = estimate(mine, measure=a.measure)
         print(st.format_plan(study, mine, study_dir, estimates, notes, shard, total=len(runs)))
@@ -241,7 +240,7 @@ def cmd_study(a: argparse.Namespace) -> int:
 
 
 def power_section(study, runs, study_dir: Path, variance_from: str | None) -> str:
-    from .power import components_from, format_power, planned_comparisons, power_table
+    from .report.power import components_from, format_power, planned_comparisons, power_table
 
     sources = []
     if variance_from:

@@ -16,8 +16,8 @@ import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .data import Pair, score_batch, tokenize
-from .logprobs import cached_token_logps, decoder_hidden, token_logps
 from .decoder import decoder_and_head
+from .logprobs import cached_token_logps, decoder_hidden, token_logps
 from .models import LM
 from .objectives import implicit_reward
 
@@ -101,7 +101,7 @@ def plot_q_view(lm: LM, items: list, pol: list, ref: list, beta: float, path: Pa
             ax.axhline(0, color="grey", lw=0.5)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    from .plots import png_bytes
+    from .report.plots import png_bytes
 
     atomic_write_bytes(path, png_bytes(fig, dpi=110))
     plt.close(fig)

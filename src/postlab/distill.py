@@ -16,9 +16,9 @@ import json
 import logging
 from pathlib import Path
 
+from .cache import location
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import GenerationConfig, PairsConfig
-from .cache import location
 from .models import LM
 from .preferences import sample_completions
 

@@ -24,12 +24,12 @@ def launched() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _state():
-    from accelerate import PartialState
-
     # accelerate picks the backend (NCCL on GPUs, gloo on CPU) and the device of this process; on a
     # machine without GPUs it joins the processes only when told they are CPU processes. A collective
     # that waits longer than POSTLAB_DIST_TIMEOUT seconds (default 30 min) fails instead of hanging.
     from datetime import timedelta
+
+    from accelerate import PartialState
 
     timeout = timedelta(seconds=float(os.environ.get("POSTLAB_DIST_TIMEOUT", 1800)))
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)

@@ -17,8 +17,8 @@ import logging
 import torch
 
 from . import distributed as dist
-from .errors import ConfigError, TrainingError
 from .decoder import HIDDEN_METHOD, decoder_and_head
+from .errors import ConfigError, TrainingError
 
 log = logging.getLogger("postlab")
 

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
-
-from typing import TYPE_CHECKING
 
 from .models import LM
 from .parameterizations import merged_copy

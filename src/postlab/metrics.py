@@ -6,7 +6,7 @@ per-class (tp, fp, fn), corpus chrF from summed character n-gram counts, dev los
 An evaluation writes each example's vector next to its id (``per_example.jsonl``) and the name of
 each metric's aggregate (``per_example_spec.json``). Any subset or resample of the dev set then gives
 the metric exactly as the evaluation would have computed it on those examples, which is what the
-paired tests in :mod:`postlab.paired` need (bootstrap resamples, leave-one-out pseudo-values).
+paired tests in :mod:`postlab.report.paired` need (bootstrap resamples, leave-one-out pseudo-values).
 
 Aggregates are vectorized: ``sums[..., k] -> values[...]``, so thousands of resamples cost one
 matrix product.

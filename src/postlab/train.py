@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, faults
 from . import distributed as dist
-from . import faults
 from .checkpoint import existing_dir, load_checkpoint, save_checkpoint
 from .config import StageConfig
 from .data import length_grouped_batches, score_batch

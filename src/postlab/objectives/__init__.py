@@ -10,8 +10,17 @@ Two shapes of input:
 """
 from __future__ import annotations
 
-from .base import (REGISTRY, LossFn, ObjectiveArgs, ObjectiveSpec, PairLogps, TokenLogps, get_objective,  # noqa: F401
-                   implicit_reward, parse_args, register)
-
 # Importing the modules registers their objectives.
 from . import distill, preference, sft  # noqa: E402,F401
+from .base import (  # noqa: F401
+                   REGISTRY,
+                   LossFn,
+                   ObjectiveArgs,
+                   ObjectiveSpec,
+                   PairLogps,
+                   TokenLogps,
+                   get_objective,
+                   implicit_reward,
+                   parse_args,
+                   register,
+)

@@ -18,7 +18,7 @@ A study file (``studies/*.yaml``)::
         "sft->dpo": {stages: [{name: sft}, {name: dpo, objective: {name: dpo, beta: 0.1}}]}
       optim.lr: [1.0e-5, 2.0e-5]     # a *scalar* axis: the axis name is a dotted config key
       seed: [0, 1, 2]
-    win_rate_vs: {method: teacher}   # optional; the report adds win_rate_vs_teacher (see postlab.results)
+    win_rate_vs: {method: teacher}   # optional; the report adds win_rate_vs_teacher (see postlab.report.results)
     metrics: [dev_loss, chrf]        # optional; the metrics compared (default: each task's primary ones)
     exclude:                         # partial assignments: drop every run that matches one
       - {task: sonnets, optim.lr: 1.0e-5}
@@ -54,12 +54,12 @@ A study directory::
         axes.json                      its axes, written before it trains
         error.txt                      why it failed, if it did (removed once it succeeds)
         result.json                    written by the run; the study adds its axes ("axes")
-    <study dir>/report/report.md       tables, plots and paired comparisons (postlab.report)
+    <study dir>/report/report.md       tables, plots and paired comparisons (postlab.report.writer)
 
 Cost estimates (``postlab study plan``) are estimates: token counts come from the configured
 tokenizer on a sample of each data set when it loads locally (else characters / 4); time divides
 training tokens by a throughput (tokens/s), measured here with ``--measure`` (a few training steps
-of the configured model) or else a documented default per device (:data:`postlab.estimate.DEFAULT_TOKENS_PER_S`).
+of the configured model) or else a documented default per device (:data:`postlab.study.estimate.DEFAULT_TOKENS_PER_S`).
 Forward-only tokens (reference log-probs, evaluation) count a third of a training token;
 generation (sonnet evaluation, sampled preference pairs) counts decode steps times a per-step
 latency (:data:`DEFAULT_DECODE_STEP_S`, or measured).
@@ -68,5 +68,14 @@ from __future__ import annotations
 
 from .file import Axis, Study, StudyFile, load_study  # noqa: F401
 from .grid import PlannedRun, build_tree, check_run, deep_merge, expand, plan, run_id  # noqa: F401
-from .runner import (StudyOutcome, check_data, format_outcome, format_plan, parse_shard, run_config,  # noqa: F401
-                     run_dir, run_study, shard_runs)
+from .runner import (  # noqa: F401
+                     StudyOutcome,
+                     check_data,
+                     format_outcome,
+                     format_plan,
+                     parse_shard,
+                     run_config,
+                     run_dir,
+                     run_study,
+                     shard_runs,
+)

@@ -76,7 +76,7 @@ class StudyFile(BaseModel):
     exclude: list[dict[str, Any]] = []
     include: list[dict[str, Any]] = []
     overrides: list[Override] = []
-    win_rate_vs: dict[str, Any] | None = Field(None, min_length=1)  # read by the report (postlab.results.add_win_rates)
+    win_rate_vs: dict[str, Any] | None = Field(None, min_length=1)  # read by the report (postlab.report.results.add_win_rates)
     metrics: list[str] | None = Field(None, min_length=1)  # read by the report and the planner
 
     @field_validator("base")

@@ -14,7 +14,9 @@ import yaml
 
 from ..config import RunConfig, StageConfig, apply_overrides, parse_run_config
 from ..errors import ConfigError
-from .file import BY_STAGE, RUN_FIELDS, STAGE_FIELDS, Axis, Study, fmt as _fmt, same as _same
+from .file import BY_STAGE, RUN_FIELDS, STAGE_FIELDS, Axis, Study
+from .file import fmt as _fmt
+from .file import same as _same
 
 
 @dataclass
@@ -110,15 +112,7 @@ def plan(study: Study) -> list[PlannedRun]:
     assignments = expand(study)
     if not assignments:
         raise ConfigError(f"study {study.path}: exclude leaves no runs")
-    short = _short_names(study.axes)
-    ids = [run_id(a, short) for a in assignments]
-    seen: dict[str, int] = {}
-    for rid in ids:
-        seen[rid] = seen.get(rid, 0) + 1
-    for i, (rid, a) in enumerate(zip(ids, assignments)):  # sanitizing made two ids equal
-        if seen[rid] > 1:
-            full = json.dumps({k: _fmt(v) for k, v in a.items()}, sort_keys=True)
-            ids[i] = f"{rid[:140]}-{hashlib.sha1(full.encode()).hexdigest()[:8]}"
+    ids = _unique_ids(assignments, _short_names(study.axes))
     runs, errors = [], []
     for i, (rid, a) in enumerate(zip(ids, assignments)):
         try:
@@ -131,23 +125,41 @@ def plan(study: Study) -> list[PlannedRun]:
             continue
         runs.append(PlannedRun(i, rid, a, tree, cfg))
     if errors:
-        grouped: dict[str, list[str]] = {}
-        for rid, msg in errors:
-            grouped.setdefault(msg, []).append(rid)
-        lines = []
-        for msg, rids in itertools.islice(grouped.items(), 8):
-            more = (f" (and {len(rids) - 1} more: {', '.join(rids[1:4])}" + (", ..." if len(rids) > 4 else "") + ")"
-                    if len(rids) > 1 else "")
-            lines.append(f"run {rids[0]}{more}: {msg}")
-        if len(grouped) > 8:
-            lines.append(f"... and {len(grouped) - 8} more distinct error(s)")
         raise ConfigError(f"study {study.path}: {len(errors)} of {len(assignments)} run(s) have invalid "
-                          f"configs:\n" + "\n".join(lines))
+                          f"configs:\n" + "\n".join(_grouped_errors(errors)))
     _check_by_stage(study, runs)
     for i, (when, _) in enumerate(study.overrides):
         if not any(_matches(a, when) for a in assignments):
             raise ConfigError(f"study {study.path}: overrides[{i}].when {when} matches no run")
     return runs
+
+
+def _unique_ids(assignments: list[dict], short: dict) -> list[str]:
+    """Run ids of the assignments; where sanitizing made two equal, each gets a hash of its axes."""
+    ids = [run_id(a, short) for a in assignments]
+    seen: dict[str, int] = {}
+    for rid in ids:
+        seen[rid] = seen.get(rid, 0) + 1
+    for i, (rid, a) in enumerate(zip(ids, assignments)):
+        if seen[rid] > 1:
+            full = json.dumps({k: _fmt(v) for k, v in a.items()}, sort_keys=True)
+            ids[i] = f"{rid[:140]}-{hashlib.sha1(full.encode()).hexdigest()[:8]}"
+    return ids
+
+
+def _grouped_errors(errors: list[tuple[str, str]]) -> list[str]:
+    """One line per distinct error (8 at most), naming the first run and counting the others."""
+    grouped: dict[str, list[str]] = {}
+    for rid, msg in errors:
+        grouped.setdefault(msg, []).append(rid)
+    lines = []
+    for msg, rids in itertools.islice(grouped.items(), 8):
+        more = (f" (and {len(rids) - 1} more: {', '.join(rids[1:4])}" + (", ..." if len(rids) > 4 else "") + ")"
+                if len(rids) > 1 else "")
+        lines.append(f"run {rids[0]}{more}: {msg}")
+    if len(grouped) > 8:
+        lines.append(f"... and {len(grouped) - 8} more distinct error(s)")
+    return lines
 
 
 def check_run(cfg: RunConfig, rid: str) -> None:

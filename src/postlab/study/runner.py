@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from ..checkpoint import atomic_write_json, atomic_write_text
 from ..config import RunConfig
 from ..errors import ConfigError, PostlabError
-from ..estimate import RunEstimate, human_n, human_s
 from ..hub import is_hub_id
 from ..validate import output_location
-from .file import Study
+from .estimate import RunEstimate, human_n, human_s
 from .executors import Job, add_axes, in_process, local_workers, ray_tasks, run_config_of, run_dir
+from .file import Study
 from .grid import PlannedRun, plan
 
 log = logging.getLogger("postlab")

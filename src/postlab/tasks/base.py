@@ -16,8 +16,6 @@ from ..metrics import PER_EXAMPLE, MetricSpec, write_per_example  # noqa: F401 (
 from ..models import LM
 
 
-
-
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
-from .metrics import PerExample, read_per_example
-from .runlog import read_jsonl
+from ..errors import DataError
+from ..metrics import PerExample, read_per_example
+from ..runlog import read_jsonl
 
 SEED = "seed"
 TASK = "task"
@@ -29,7 +29,7 @@ ZERO_SHOT = "zero_shot"  # columns zero_shot.<metric>: the run's starting model 
 
 def task_primary_metrics(task: Any) -> tuple[str, ...]:
     """The metrics a registered task asks a study to compare (its `primary_metrics`); () if unknown."""
-    from .tasks import TASKS
+    from ..tasks import TASKS
 
     cls = TASKS.get(str(task)) if task is not None else None
     return tuple(getattr(cls, "primary_metrics", ())) if cls is not None else ()
@@ -125,26 +125,10 @@ def _result_row(result: dict[str, Any], run_id: str) -> tuple[dict, list[str], l
             row[col] = float(v)
             metrics.append(col)
     stages = result.get("stages") or []
-    names, tokens, mems, devices = [], [], [], []
-    for st in stages:
-        name = str(st.get("name", f"stage{len(names)}"))
-        base, i = name, 2
-        while name in names:
-            name, i = f"{base}#{i}", i + 1
-        names.append(name)
-        for k in ("wall_s", "tokens", "peak_mem_mb"):
-            if is_number(st.get(k)):
-                row[f"stage.{name}.{k}"] = float(st[k])
-        for k, v in (st.get("metrics") or {}).items():
-            if is_number(v):
-                row[f"stage.{name}.{k}"] = float(v)
-        tokens.append(st.get("tokens"))
-        mems.append(st.get("peak_mem_mb"))
-        if st.get("device"):
-            devices.append(str(st["device"]))
+    names, devices = _stage_columns(stages, row)
     row["wall_s"] = float(result["wall_s"]) if is_number(result.get("wall_s")) else math.nan
-    tok = [t for t in tokens if is_number(t)]
-    mem = [m for m in mems if is_number(m)]
+    tok = [float(st["tokens"]) for st in stages if is_number(st.get("tokens"))]
+    mem = [float(st["peak_mem_mb"]) for st in stages if is_number(st.get("peak_mem_mb"))]
     row["tokens"] = float(sum(tok)) if tok else math.nan
     row["peak_mem_mb"] = float(max(mem)) if mem else math.nan
     row["device"] = result.get("device") or ",".join(dict.fromkeys(devices)) or "unknown"
@@ -156,6 +140,23 @@ def _result_row(result: dict[str, Any], run_id: str) -> tuple[dict, list[str], l
     for k, v in (result.get("versions") or {}).items():
         row[f"version.{k}"] = str(v)
     return row, list(axes), metrics, names
+
+
+def _stage_columns(stages: list[dict], row: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Add each stage's wall_s, tokens, peak_mem_mb and dev metrics to `row` (``stage.<name>.<field>``);
+    return the stage names (a repeated name numbered ``#2``, ``#3``, ...) and the devices they ran on."""
+    names, devices = [], []
+    for st in stages:
+        name = str(st.get("name", f"stage{len(names)}"))
+        base, i = name, 2
+        while name in names:
+            name, i = f"{base}#{i}", i + 1
+        names.append(name)
+        fields = {k: st.get(k) for k in ("wall_s", "tokens", "peak_mem_mb")} | dict(st.get("metrics") or {})
+        row.update({f"stage.{name}.{k}": float(v) for k, v in fields.items() if is_number(v)})
+        if st.get("device"):
+            devices.append(str(st["device"]))
+    return names, devices
 
 
 def load_runs(study_dir: str | os.PathLike) -> pd.DataFrame:

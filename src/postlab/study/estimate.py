@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .config import ModelConfig, RunConfig, StageConfig
-from .errors import PostlabError
+from ..config import ModelConfig, RunConfig, StageConfig
+from ..errors import PostlabError
 
 log = logging.getLogger("postlab")
 
@@ -94,7 +94,7 @@ class _Tokens:
         if model not in self._tok:
             self._tok[model] = None
             try:
-                from .models import EMBEDDED, embedded_tokenizer_dir, load_tokenizer
+                from ..models import EMBEDDED, embedded_tokenizer_dir, load_tokenizer
 
                 if model in EMBEDDED:
                     self._tok[model] = load_tokenizer(str(embedded_tokenizer_dir(model)))
@@ -136,8 +136,9 @@ def default_throughput(m: ModelConfig) -> Throughput:
         return Throughput(DEFAULT_TOKENS_PER_S["cuda"], DEFAULT_DECODE_STEP_S["cuda"],
                           f"default for ~135M-parameter models on cuda: {DEFAULT_TOKENS_PER_S['cuda']:.0f} "
                           f"tokens/s (rough)")
-    from .models import cpu_flags, cpu_has_fast_bf16, resolve_precision
     import torch
+
+    from ..models import cpu_flags, cpu_has_fast_bf16, resolve_precision
 
     prec = resolve_precision(m.precision, torch.device("cpu"))
     key = ("cpu-bf16-amx" if "amx_bf16" in cpu_flags() else "cpu-bf16") if prec == "bf16" else "cpu-fp32"
@@ -154,9 +155,9 @@ def measure_throughput(m: ModelConfig, seq_len: int = 128, batch_size: int = 8, 
     random batch of `batch_size` x `seq_len` tokens after one warm-up step, and a few decode steps."""
     import torch
 
-    from .data import Tokenized, score_batch
-    from .logprobs import score
-    from .models import load_lm
+    from ..data import Tokenized, score_batch
+    from ..logprobs import score
+    from ..models import load_lm
 
     lm = load_lm(m.name, m.device, m.precision, m.trust_remote_code, m.max_length)
     seq_len = max(4, min(seq_len, lm.max_length))
@@ -208,47 +209,12 @@ def measure_throughput(m: ModelConfig, seq_len: int = 128, batch_size: int = 8, 
 
 def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEstimate], dict]:
     """Per-run estimates and notes on how they were made (see the module doc)."""
-    from .data import forward_tokens
-    from .objectives import get_objective
-    from .tasks import get_task, training_task
+    from ..stage import stage_prefix_key
 
-    tokens = _Tokens()
-    data: dict[tuple, tuple[DataStats, DataStats] | None] = {}
-    notes: dict[str, Any] = {"unavailable": []}
-
-    def stats(stage: StageConfig, model: str):
-        key = (model, stage.task.model_dump_json(exclude={"generation", "pairs"}))
-        if key not in data:
-            try:
-                task = get_task(stage.task)
-                train = tokens.stats(training_task(stage.task).train_examples(), model, task.append_eos)
-                try:
-                    dev = tokens.stats(task.dev_examples(), model, task.append_eos)
-                except PostlabError:
-                    dev = DataStats(0, 0.0, 0.0, False)
-                data[key] = (train, dev)
-            except PostlabError as e:
-                data[key] = None
-                notes["unavailable"].append(f"{stage.task.name}: {e}")
-        return data[key]
-
-    throughputs: dict[str, Throughput] = {}
-
-    def throughput(m: ModelConfig, seq: float, batch: int) -> Throughput:
-        key = m.model_dump_json(exclude={"max_length"})
-        if key not in throughputs:
-            throughputs[key] = (measure_throughput(m, int(seq) or 128, batch) if measure
-                                else default_throughput(m))
-        return throughputs[key]
-
-    from .stage import stage_prefix_key
-
+    est = _Estimator(measure)
     out = []
     trained: set[str] = set()  # stages that an earlier run trains (a later identical one is reused)
-    evaluated: set[str] = set()  # base-model evaluations (cached, shared by runs that start alike)
     for r in runs:
-        m = r.config.model
-        dev_type = _device_type(m)
         stages = []
         for i, s in enumerate(r.config.stages):
             if r.config.reuse_stages:
@@ -257,60 +223,109 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
                     stages.append(StageEstimate(s.name, None, s.epochs, 0.0, 0.0, reused=True))
                     continue
                 trained.add(key)
-            st = stats(s, m.name)
-            if st is None:
-                stages.append(StageEstimate(s.name, None, s.epochs, None, None))
-                continue
-            train, dev = st
-            spec = get_objective(s.objective.name)
-            task = get_task(s.task)
-            completion = train.completion_tokens
-            if s.task.max_completion_tokens:
-                completion = min(completion, s.task.max_completion_tokens)
-            per_example = train.prompt_tokens + completion
-            gen_steps = 0.0
-            n = train.n
-            if spec.kind == "preference":
-                from .preferences import draws, needs_sampler
-
-                if needs_sampler(training_task(s.task)):
-                    n = train.n * s.task.pairs.k
-                    gen_steps += (math.ceil(train.n / s.task.pairs.generation.batch_size) * draws(s.task.pairs)
-                                  * s.task.pairs.generation.max_new_tokens)
-                per_example = (train.prompt_tokens + 1 if train.single_token
-                               else forward_tokens(train.prompt_tokens, [completion, completion]))
-            batch = s.optim.batch_size * s.optim.grad_accum
-            steps_per_epoch = math.ceil(n / batch) if n else 0
-            steps = steps_per_epoch * s.epochs
-            if s.max_steps is not None:
-                steps = min(steps, s.max_steps)
-            epochs = steps / steps_per_epoch if steps_per_epoch else 0.0
-            train_tokens = n * per_example * epochs
-            fwd = n * per_example if (spec.needs_reference or spec.topk_of) else 0.0
-            # A stage's starting evaluation is cached: the previous stage's final one, or (first stage)
-            # the base model's, evaluated once per task and evaluation settings.
-            start_key = m.model_dump_json() + json.dumps(s.task.evaluation_settings(), sort_keys=True)
-            start_eval = s.eval_at_start and i == 0 and start_key not in evaluated
-            evaluated.add(start_key)
-            evals = math.ceil(epochs) + int(start_eval)
-            if s.eval_every_steps:
-                evals += steps // s.eval_every_steps
-            cost = task.eval_cost(dev.n)  # asked of the task: what one evaluation scores and generates
-            dev_tokens = dev.n * (dev.prompt_tokens + (dev.completion_tokens if cost.scores_completions else 0))
-            fwd += evals * dev_tokens
-            gen_steps += evals * cost.decode_steps
-            tp = throughput(m, per_example, s.optim.batch_size)
-            seconds = ((train_tokens + FORWARD_COST * fwd) / tp.tokens_per_s + gen_steps * tp.decode_step_s
-                       + STAGE_OVERHEAD_S[dev_type])
-            stages.append(StageEstimate(s.name, n, epochs, train_tokens, seconds))
+            stages.append(est.stage(r.config.model, s, first=i == 0))
         out.append(RunEstimate(r, stages))
-    notes["tokens"] = ("the model's tokenizer on a sample of up to %d examples per data set" % TOKENIZER_SAMPLE
-                       if tokens.methods == {"tokenizer"} else
-                       "characters / 4" if tokens.methods == {"chars/4"} else
-                       "the tokenizer where it loads locally, else characters / 4")
-    notes["throughput"] = sorted({t.source for t in throughputs.values()})
-    notes["measured"] = measure
-    return out, notes
+    return out, est.notes()
+
+
+class _Estimator:
+    """One study's estimate: data statistics and throughputs, each found once and shared by its runs."""
+
+    def __init__(self, measure: bool):
+        self.measure = measure
+        self.tokens = _Tokens()
+        self.data: dict[tuple, tuple[DataStats, DataStats] | None] = {}
+        self.throughputs: dict[str, Throughput] = {}
+        self.unavailable: list[str] = []
+        self.evaluated: set[str] = set()  # base-model evaluations (cached, shared by runs that start alike)
+
+    def stats(self, stage: StageConfig, model: str) -> tuple[DataStats, DataStats] | None:
+        """(train, dev) statistics of the stage's data, or None where it does not load."""
+        from ..tasks import get_task, training_task
+
+        key = (model, stage.task.model_dump_json(exclude={"generation", "pairs"}))
+        if key not in self.data:
+            try:
+                task = get_task(stage.task)
+                train = self.tokens.stats(training_task(stage.task).train_examples(), model, task.append_eos)
+                try:
+                    dev = self.tokens.stats(task.dev_examples(), model, task.append_eos)
+                except PostlabError:
+                    dev = DataStats(0, 0.0, 0.0, False)
+                self.data[key] = (train, dev)
+            except PostlabError as e:
+                self.data[key] = None
+                self.unavailable.append(f"{stage.task.name}: {e}")
+        return self.data[key]
+
+    def throughput(self, m: ModelConfig, seq: float, batch: int) -> Throughput:
+        key = m.model_dump_json(exclude={"max_length"})
+        if key not in self.throughputs:
+            self.throughputs[key] = (measure_throughput(m, int(seq) or 128, batch) if self.measure
+                                     else default_throughput(m))
+        return self.throughputs[key]
+
+    def stage(self, m: ModelConfig, s: StageConfig, first: bool) -> StageEstimate:
+        from ..tasks import get_task
+
+        st = self.stats(s, m.name)
+        if st is None:
+            return StageEstimate(s.name, None, s.epochs, None, None)
+        train, dev = st
+        spec = s.objective.spec
+        n, per_example, gen_steps = _training_sizes(s, train)
+        batch = s.optim.batch_size * s.optim.grad_accum
+        steps_per_epoch = math.ceil(n / batch) if n else 0
+        steps = min(steps_per_epoch * s.epochs, s.max_steps if s.max_steps is not None else math.inf)
+        epochs = steps / steps_per_epoch if steps_per_epoch else 0.0
+        train_tokens = n * per_example * epochs
+        fwd = n * per_example if (spec.needs_reference or spec.topk_of) else 0.0
+        # A stage's starting evaluation is cached: the previous stage's final one, or (first stage)
+        # the base model's, evaluated once per task and evaluation settings.
+        start_key = m.model_dump_json() + json.dumps(s.task.evaluation_settings(), sort_keys=True)
+        start_eval = s.eval_at_start and first and start_key not in self.evaluated
+        self.evaluated.add(start_key)
+        evals = math.ceil(epochs) + int(start_eval) + (steps // s.eval_every_steps if s.eval_every_steps else 0)
+        cost = get_task(s.task).eval_cost(dev.n)  # asked of the task: what one evaluation scores and generates
+        dev_tokens = dev.n * (dev.prompt_tokens + (dev.completion_tokens if cost.scores_completions else 0))
+        fwd += evals * dev_tokens
+        gen_steps += evals * cost.decode_steps
+        tp = self.throughput(m, per_example, s.optim.batch_size)
+        seconds = ((train_tokens + FORWARD_COST * fwd) / tp.tokens_per_s + gen_steps * tp.decode_step_s
+                   + STAGE_OVERHEAD_S[_device_type(m)])
+        return StageEstimate(s.name, n, epochs, train_tokens, seconds)
+
+    def notes(self) -> dict[str, Any]:
+        methods = self.tokens.methods
+        return {"unavailable": self.unavailable,
+                "tokens": ("the model's tokenizer on a sample of up to %d examples per data set" % TOKENIZER_SAMPLE
+                           if methods == {"tokenizer"} else
+                           "characters / 4" if methods == {"chars/4"} else
+                           "the tokenizer where it loads locally, else characters / 4"),
+                "throughput": sorted({t.source for t in self.throughputs.values()}),
+                "measured": self.measure}
+
+
+def _training_sizes(s: StageConfig, train: DataStats) -> tuple[int, float, float]:
+    """(training items, tokens of one item's forward, decode steps of sampling pairs before training)."""
+    from ..data import forward_tokens
+    from ..tasks import training_task
+
+    completion = train.completion_tokens
+    if s.task.max_completion_tokens:
+        completion = min(completion, s.task.max_completion_tokens)
+    if s.objective.spec.kind != "preference":
+        return train.n, train.prompt_tokens + completion, 0.0
+    from ..preferences import draws, needs_sampler
+
+    n, gen_steps = train.n, 0.0
+    if needs_sampler(training_task(s.task)):
+        n = train.n * s.task.pairs.k
+        gen_steps = (math.ceil(train.n / s.task.pairs.generation.batch_size) * draws(s.task.pairs)
+                     * s.task.pairs.generation.max_new_tokens)
+    per_example = (train.prompt_tokens + 1 if train.single_token
+                   else forward_tokens(train.prompt_tokens, [completion, completion]))
+    return n, per_example, gen_steps
 
 
 def human_s(s: float | None) -> str:

@@ -19,7 +19,7 @@ TOKENIZER_BYTES = 3.6e6  # tokenizer files written beside every saved model (Smo
 
 
 def _model_dir(name: str) -> Path | None:
-    from .cache import postlab_home
+    from ..cache import postlab_home
 
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser()
@@ -35,7 +35,7 @@ def model_config(name: str) -> dict | None:
             return json.loads((d / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-    from .hub import is_hub_id
+    from ..hub import is_hub_id
 
     return dict(EMBEDDED_CONFIG) if name == "smollm2-135m" and not is_hub_id(name) else None
 

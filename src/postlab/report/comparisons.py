@@ -2,7 +2,7 @@
 
 * Between arms: for every axis but seed and task with 2+ values, each pair of its values (A, B),
   over runs that agree on every other axis, paired on seed and on dev example
-  (:func:`postlab.paired.compare_arms`; a paired t-test over seeds where runs lack per-example
+  (:func:`postlab.report.paired.compare_arms`; a paired t-test over seeds where runs lack per-example
   statistics). Holm's correction runs over all of them: they are the study's family of questions.
 * Against baselines: each group of runs against its own starting (zero-shot) model, a second
   family with its own Holm correction.
@@ -20,8 +20,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..metrics import PerExample
 from . import results as R
-from .metrics import PerExample
 from .paired import compare_arms, compare_seed_values
 from .stats import format_p, holm
 

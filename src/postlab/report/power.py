@@ -1,7 +1,7 @@
 """Power before a study runs: for each comparison the study will make, the smallest difference it can
 detect at 80% power with its planned seeds and dev examples (`postlab study plan`).
 
-The variance of a per-example difference (seed, example and residual components; postlab.paired)
+The variance of a per-example difference (seed, example and residual components; postlab.report.paired)
 comes, in this order, from `--variance-from DIR` (a study directory whose arms were compared
 example by example), from runs of this study already complete in its directory, or from the
 conservative defaults the tasks state for their metrics (MetricSpec.planning). Components are pooled
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .paired import Components, detectable_effect, pooled_components
 
 if TYPE_CHECKING:
-    from .study import PlannedRun, Study
+    from ..study import PlannedRun, Study
 
 POWER = 0.8
 ALPHA = 0.05
@@ -79,7 +79,7 @@ def planned_comparisons(study: Study, runs: list[PlannedRun]) -> list[PlannedCom
 def _task_metrics(task: str, metrics: list[str]) -> list[str]:
     """The study's metrics that `task` reports (the report compares a metric only where runs have it):
     a two-task study's list names each task's own."""
-    from .tasks import TASKS
+    from ..tasks import TASKS
 
     known = set(getattr(TASKS.get(task), "metric_specs", {}) or {})
     return [m for m in metrics if m in known] if known else metrics
@@ -93,8 +93,8 @@ def _study_metrics(study: Study) -> list[str]:
 
 
 def _dev_size(task_cfg) -> int | None:
-    from .errors import PostlabError
-    from .tasks import get_task
+    from ..errors import PostlabError
+    from ..tasks import get_task
 
     try:
         return len(get_task(task_cfg).dev_examples())
@@ -105,8 +105,8 @@ def _dev_size(task_cfg) -> int | None:
 def components_from(study_dir: Path) -> dict[tuple[str, str], Components]:
     """(task, metric) -> components pooled over the crossed seed x example comparisons of a study
     directory's complete runs; {} when it has none (fewer than 2 seeds, or no per-example data)."""
+    from ..errors import DataError
     from .comparisons import paired_comparisons
-    from .errors import DataError
     from .paired import CROSSED
     from .results import load_runs, study_file
 
@@ -133,7 +133,7 @@ def components_from(study_dir: Path) -> dict[tuple[str, str], Components]:
 
 def default_components(task: str, metric: str) -> Components | None:
     """The task's stated conservative default for a metric (MetricSpec.planning), if any."""
-    from .tasks import TASKS
+    from ..tasks import TASKS
 
     cls = TASKS.get(task)
     spec = getattr(cls, "metric_specs", {}).get(metric) if cls is not None else None

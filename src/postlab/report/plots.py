@@ -136,13 +136,7 @@ def _plot_curves(df: pd.DataFrame, study_dir: Path) -> Figure | None:
             ax.set_xlabel("step")
             ax.set_ylabel("train loss")
             ax.grid(alpha=0.3)
-    handles = {}
-    for ax in axs.ravel():
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    if handles:
-        fig.legend(handles.values(), handles.keys(), loc="outside right upper",
-                   title=", ".join(rest) or None, fontsize="small")
+    _figure_legend(fig, axs.ravel(), rest)
     return fig
 
 
@@ -166,27 +160,38 @@ def _plot_dev_curves(df: pd.DataFrame, study_dir: Path) -> Figure | None:
     fig = _new_figure(5.2 * ncols + 2.4, 3.6 * nrows)
     axs = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (task, m, sub, curves) in zip(axs, panels):
-        subsets = set()
-        for key, g in R.groups(sub, rest):
-            lab = R.label(key, rest)
-            runs = [curves[rid] for rid in g["run_id"] if curves[rid][0]]
-            for xs, ys, bounds, n in runs:
-                ax.plot(xs, ys, color=colors[lab], alpha=0.25, lw=0.8)
-                subsets.add(n)
-                for b in bounds:
-                    ax.axvline(b, color="grey", ls=":", lw=0.8)
-            common = sorted(set.intersection(*(set(xs) for xs, *_ in runs))) if runs else []
-            if common:
-                mean = [float(np.mean([ys[xs.index(x)] for xs, ys, *_ in runs])) for x in common]
-                ax.plot(common, mean, color=colors[lab], lw=2, marker="o", ms=3, label=lab)
-        n = [x for x in subsets if x]
-        where = f" (first {min(n)} dev examples)" if n else ""
-        ax.set_title(f"{task} / {m}{where}" if task is not None else f"{m}{where}", fontsize="medium")
-        ax.set_xlabel("training step (all stages)")
-        ax.set_ylabel(m)
-        ax.grid(alpha=0.3)
+        _dev_panel(ax, task, m, sub, curves, rest, colors)
     for ax in axs[len(panels):]:
         ax.set_visible(False)
+    _figure_legend(fig, axs, rest)
+    return fig
+
+
+def _dev_panel(ax, task, m: str, sub: pd.DataFrame, curves: dict, rest: list[str], colors: dict) -> None:
+    """One (task, metric) panel of the dev curves: each run thin, each group's mean thick."""
+    subsets = set()
+    for key, g in R.groups(sub, rest):
+        lab = R.label(key, rest)
+        runs = [curves[rid] for rid in g["run_id"] if curves[rid][0]]
+        for xs, ys, bounds, n in runs:
+            ax.plot(xs, ys, color=colors[lab], alpha=0.25, lw=0.8)
+            subsets.add(n)
+            for b in bounds:
+                ax.axvline(b, color="grey", ls=":", lw=0.8)
+        common = sorted(set.intersection(*(set(xs) for xs, *_ in runs))) if runs else []
+        if common:
+            mean = [float(np.mean([ys[xs.index(x)] for xs, ys, *_ in runs])) for x in common]
+            ax.plot(common, mean, color=colors[lab], lw=2, marker="o", ms=3, label=lab)
+    n = [x for x in subsets if x]
+    where = f" (first {min(n)} dev examples)" if n else ""
+    ax.set_title(f"{task} / {m}{where}" if task is not None else f"{m}{where}", fontsize="medium")
+    ax.set_xlabel("training step (all stages)")
+    ax.set_ylabel(m)
+    ax.grid(alpha=0.3)
+
+
+def _figure_legend(fig: Figure, axs, rest: list[str]) -> None:
+    """One legend for the figure: each label once, from whichever panel drew it."""
     handles = {}
     for ax in axs:
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -194,7 +199,6 @@ def _plot_dev_curves(df: pd.DataFrame, study_dir: Path) -> Figure | None:
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="outside right upper", title=", ".join(rest) or None,
                    fontsize="small")
-    return fig
 
 
 def _plot_wall(df: pd.DataFrame) -> Figure | None:

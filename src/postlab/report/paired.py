@@ -19,7 +19,7 @@ influence on it; the estimate itself is the mean over seeds of the real metric d
 
 With one seed there is no training noise to estimate: the test is per example only (exact McNemar
 for accuracy-like 0/1 metrics, a paired bootstrap otherwise) and says it ignores training noise.
-Runs without per-example statistics fall back to a paired t-test over seeds (postlab.stats).
+Runs without per-example statistics fall back to a paired t-test over seeds (postlab.report.stats).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as st
 
-from .metrics import MetricSpec, PerExample
+from ..metrics import MetricSpec, PerExample
 from .stats import format_p, paired_test
 
 CROSSED = "seed x example (crossed random effects)"
@@ -208,7 +208,7 @@ def compare_arms(a: dict[int, PerExample], b: dict[int, PerExample], metric: str
 
 
 def compare_seed_values(a: dict, b: dict, alpha: float = 0.05, name_a: str = "A", name_b: str = "B") -> dict:
-    """The fallback without per-example statistics: a paired t-test over seeds (postlab.stats), with
+    """The fallback without per-example statistics: a paired t-test over seeds (postlab.report.stats), with
     the same equivalence bound as compare_arms."""
     res = paired_test(a, b, alpha=alpha, name_a=name_a, name_b=name_b)
     res.update(n_examples=0, se=math.nan, df=math.nan, equivalence_bound=math.nan)

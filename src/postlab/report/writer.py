@@ -7,11 +7,10 @@
   arms (seed x example tests, Holm-corrected, equivalence bounds where nothing is found); trained
   arms against their zero-shot models; all metrics; plots; incomplete runs; versions and devices;
 * ``comparisons.csv``, ``baselines.csv``: every test with its statistics; ``runs.csv``: one row per run;
-* the plots of :data:`postlab.plots.PLOTS`.
+* the plots of :data:`postlab.report.plots.PLOTS`.
 
-Reading runs is :mod:`postlab.results`, the tests :mod:`postlab.comparisons` (statistics in
-:mod:`postlab.paired` and :mod:`postlab.stats`), figures :mod:`postlab.plots`. Every file is written
-atomically.
+Reading runs is :mod:`.results`, the tests :mod:`.comparisons` (statistics in :mod:`.paired` and
+:mod:`.stats`), figures :mod:`.plots`. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -24,14 +23,12 @@ from typing import Any
 
 import pandas as pd
 
+from ..checkpoint import atomic_write_bytes, atomic_write_text
 from . import plots
 from . import results as R
-from .checkpoint import atomic_write_bytes, atomic_write_text
 from .comparisons import baseline_comparisons, evaluations, findings, paired_comparisons
-from .results import add_win_rates, find_incomplete, load_runs, task_primary_metrics, win_rate  # noqa: F401 (re-exported)
+from .results import add_win_rates, load_runs, task_primary_metrics
 from .stats import format_p, summarize
-
-__all__ = ["load_runs", "find_incomplete", "summary_table", "paired_comparisons", "write_report", "summary_text"]
 
 
 def summary_table(df: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
