@@ -12,15 +12,16 @@ from scipy import stats as st
 
 from postlab.metrics import MetricSpec, PerExample, chrf, chrf_stats, class_stats, macro_f1
 from postlab.report.paired import (
-    BOOTSTRAP,
     CROSSED,
     MCNEMAR,
+    ONE_SEED_T,
     Components,
     compare_arms,
     crossed_test,
     detectable_effect,
     mean_squares,
     pseudo_values,
+    tango_interval,
 )
 from postlab.tasks.paraphrase import classification_metrics
 
@@ -59,19 +60,41 @@ def test_pseudo_values_of_a_mean_are_the_values_and_of_a_ratio_average_near_it()
     assert pv.mean() == pytest.approx(nll[:, 0].sum() / nll[:, 1].sum(), rel=0.02)
 
 
-def test_one_seed_accuracy_is_an_exact_mcnemar_test():
-    # 12 discordant examples, 10 won by A: exact two-sided binomial p = 2 P(X <= 2 | 12, 1/2) = 0.0386
+def test_one_seed_accuracy_is_mcnemars_score_test_with_tangos_interval():
+    # 12 discordant examples, 10 won by A: McNemar's statistic (10 − 2)² / 12 = 5.33 on 1 df, p = 0.0209
     a = [1] * 10 + [0] * 2 + [1] * 30 + [0] * 8
     b = [0] * 10 + [1] * 2 + [1] * 30 + [0] * 8
     res = compare_arms(arm({0: a}), arm({0: b}), "accuracy", name_a="A", name_b="B")
     assert res["test"] == MCNEMAR and res["discordant"] == (10, 2)
-    assert res["p_value"] == pytest.approx(st.binomtest(10, 12, 0.5).pvalue) == pytest.approx(0.03857, abs=1e-4)
+    assert res["p_value"] == pytest.approx(st.chi2.sf(64 / 12, 1)) == pytest.approx(0.02092, abs=1e-4)
     assert res["mean_diff"] == pytest.approx(8 / 50)
     assert res["significant"] and res["verdict"].startswith("A > B")
     assert "ignores training noise" in res["test"]
+    assert (res["ci_low"], res["ci_high"]) == tango_interval(10, 2, 50, 0.05) and 0 < res["ci_low"] < 0.16
 
 
-def test_one_seed_chrf_is_a_paired_bootstrap_of_the_corpus_metric():
+def test_tangos_interval_inverts_the_score_test_of_the_restricted_likelihood():
+    """Tango's statistic at δ0 uses the restricted maximum-likelihood P(A wrong, B right) in closed
+    form: it equals the maximizer of the multinomial likelihood under p12 − p21 = δ0 found numerically,
+    and the interval's ends are where the statistic crosses ±z."""
+    from scipy.optimize import minimize_scalar
+
+    from postlab.report.paired import _tango_z
+
+    wins, losses, n = 9, 3, 40
+    for d0 in (-0.2, -0.05, 0.1, 0.3):
+        nll = lambda p: -(wins * np.log(p + d0) + losses * np.log(p) + (n - wins - losses) * np.log(1 - 2 * p - d0))  # noqa: E731
+        p21 = minimize_scalar(nll, bounds=(max(0, -d0) + 1e-9, (1 - d0) / 2 - 1e-9), method="bounded",
+                              options={"xatol": 1e-12}).x
+        z = (wins - losses - n * d0) / math.sqrt(n * (2 * p21 + d0 * (1 - d0)))
+        assert _tango_z(wins, losses, n, d0) == pytest.approx(z, rel=1e-5)
+    lo, hi = tango_interval(wins, losses, n, 0.05)
+    assert _tango_z(wins, losses, n, lo) == pytest.approx(1.959964, abs=1e-6)
+    assert _tango_z(wins, losses, n, hi) == pytest.approx(-1.959964, abs=1e-6)
+    assert lo < (wins - losses) / n < hi
+
+
+def test_one_seed_chrf_is_a_t_test_of_per_example_pseudo_values():
     rng = np.random.default_rng(1)
     spec = MetricSpec("chrf")
     base = rng.integers(20, 60, size=(30, 18)).astype(float)
@@ -79,9 +102,12 @@ def test_one_seed_chrf_is_a_paired_bootstrap_of_the_corpus_metric():
     better[:, 2::3] += 3  # more matches at every order
     a = {0: PerExample([str(i) for i in range(30)], {"chrf": better}, {"chrf": spec})}
     b = {0: PerExample([str(i) for i in range(30)], {"chrf": base}, {"chrf": spec})}
-    res = compare_arms(a, b, "chrf", n_boot=2000)
-    assert res["test"] == BOOTSTRAP
+    res = compare_arms(a, b, "chrf")
+    assert res["test"] == ONE_SEED_T and res["df"] == 29
     assert res["mean_diff"] == pytest.approx(float(chrf(better.sum(0)) - chrf(base.sum(0))))
+    d = pseudo_values(better, spec) - pseudo_values(base, spec)
+    assert res["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(30))
+    assert res["p_value"] == pytest.approx(2 * st.t.sf(res["mean_diff"] / res["se"], 29))
     assert res["ci_low"] > 0 and res["p_value"] < 0.01
 
 

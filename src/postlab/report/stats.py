@@ -21,7 +21,10 @@ from typing import Any
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["summarize", "paired_test", "holm", "format_p"]
+__all__ = ["summarize", "paired_test", "holm", "holm_levels", "format_p", "sign_test_interval"]
+
+IDENTICAL = "none (identical values)"
+SIGN_TEST = "sign test (zero variance of differences)"
 
 _ZERO_TOL = 1e-12  # relative tolerance under which paired differences count as exactly equal
 
@@ -115,7 +118,7 @@ def paired_test(a: Sequence[float] | Mapping[Any, float],
       seed, the verdict is ``"identical"`` (p = 1). If every seed differs by the same non-zero
       amount the t statistic is infinite, so we fall back to an exact two-sided sign test
       (``scipy.stats.binomtest``), which with few seeds honestly stays non-significant
-      (3 seeds: p = 0.25).
+      (3 seeds: p = 0.25), with the interval that agrees with it (:func:`sign_test_interval`).
 
     ``a`` and ``b`` may also be mappings ``seed -> value``; they are then paired on common seeds.
     """
@@ -137,11 +140,12 @@ def paired_test(a: Sequence[float] | Mapping[Any, float],
     tol = _ZERO_TOL * max(float(np.max(np.abs(np.concatenate([xa, xb])))), 1e-300)
     if float(np.ptp(d)) <= tol:
         if float(np.max(np.abs(d))) <= tol:
-            out.update(p_value=1.0, test="none (identical values)", verdict="identical")
+            out.update(p_value=1.0, test=IDENTICAL, verdict="identical")
             return out
         k = int((d > 0).sum())
         p = float(_st.binomtest(k, n, 0.5).pvalue)
-        out.update(p_value=p, test="sign test (zero variance of differences)")
+        lo, hi = sign_test_interval(out["mean_diff"], n, alpha)
+        out.update(p_value=p, test=SIGN_TEST, ci_low=lo, ci_high=hi)
     else:
         p = float(_st.ttest_rel(xa, xb).pvalue)
         out.update(p_value=p, test="paired t-test")
@@ -154,6 +158,14 @@ def paired_test(a: Sequence[float] | Mapping[Any, float],
     else:
         out["verdict"] = f"within noise ({format_p(p)})"
     return out
+
+
+def sign_test_interval(value: float, n: int, alpha: float) -> tuple[float, float]:
+    """The 1 − alpha interval of the median of `n` differences that all equal `value`, by order
+    statistics (the interval the sign test inverts): [value, value] covers with probability
+    1 − 2·0.5^n, so it is the interval where that reaches 1 − alpha, and the whole line where it
+    does not (3 seeds: 75% at most). It excludes 0 exactly when the sign test's p = 2·0.5^n < alpha."""
+    return (value, value) if 2 * 0.5 ** n < alpha else (-math.inf, math.inf)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -173,4 +185,22 @@ def holm(p_values: Sequence[float]) -> list[float]:
     for rank, i in enumerate(order):
         running = max(running, min(1.0, (m - rank) * p[i]))
         out[i] = running
+    return out.tolist()
+
+
+def holm_levels(p_values: Sequence[float], alpha: float = 0.05) -> list[float]:
+    """The level Holm's procedure holds each test to: ``alpha / k`` for the factor ``k`` by which its
+    Holm-adjusted p exceeds its own (Bonferroni's ``alpha / m`` for the smallest p, up to ``alpha`` for
+    the last of a family all rejected), so that ``p < level`` exactly when the Holm-adjusted p is below
+    ``alpha``. An interval at confidence ``1 − level`` then excludes 0 exactly when Holm's verdict
+    finds a difference (the report prints those). NaN where p is NaN."""
+    p = np.asarray(list(p_values), dtype=float)
+    out = np.full(p.shape, math.nan)
+    idx = np.flatnonzero(~np.isnan(p))
+    order = idx[np.argsort(p[idx], kind="stable")]
+    running = 0.0  # the uncapped Holm value: a capped one (1) would hide the factor
+    for rank, i in enumerate(order):
+        step = len(order) - rank
+        running = max(running, step * p[i])
+        out[i] = alpha * p[i] / running if running > 0 else alpha / step
     return out.tolist()
