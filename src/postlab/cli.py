@@ -249,7 +249,7 @@ def power_section(study, runs, study_dir: Path, variance_from: str | None) -> st
         sources.append((f"measured in {variance_from}", components_from(Path(variance_from))))
     if (study_dir / "runs").is_dir():
         sources.append((f"measured in {study_dir} (runs done so far)", components_from(study_dir)))
-    return format_power(power_table(planned_comparisons(study, runs), sources))
+    return format_power(power_table(planned_comparisons(study, runs), sources), study.effects)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,9 +21,9 @@ __all__ = ["add_win_rates", "baseline_comparisons", "find_incomplete", "load_run
 def __getattr__(name: str):
     if name in ("write_report", "summary_text", "summary_table"):
         from . import writer as module
-    elif name in ("load_runs", "find_incomplete", "add_win_rates", "win_rate", "task_primary_metrics"):
+    elif name in ("load_runs", "find_incomplete", "add_win_rates", "win_rate"):
         from . import results as module
-    elif name in ("paired_comparisons", "baseline_comparisons"):
+    elif name in ("paired_comparisons", "baseline_comparisons", "task_primary_metrics"):
         from . import comparisons as module
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,14 +7,17 @@
 * Against baselines: each group of runs against its own starting (zero-shot) model, a second
   family with its own Holm correction.
 * Findings: plain sentences for the comparisons significant after Holm, or, where none is, the
-  largest difference the data rule out.
+  largest difference the data rule out. Intervals and bounds beside a verdict are adjusted as its
+  p-value is (`_with_holm`).
 
-The metrics compared are each task's primary metrics, or the study file's ``metrics`` list.
+The metrics compared on a task (:func:`compared_metrics`): the study file's ``metrics`` that the task
+reports, or else its primary metrics; the planner (postlab.report.power) asks the same function.
 """
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,47 @@ import pandas as pd
 
 from ..metrics import PerExample
 from . import results as R
-from .paired import compare_arms, compare_seed_values
-from .stats import format_p, holm
+from .paired import compare_arms, compare_seed_values, interval_at
+from .stats import format_p, holm, holm_levels
 
 # Which way is better for the metrics tasks report (used where per-example specs are absent).
 LOWER_IS_BETTER = ("loss", "dev_loss", "perplexity")
+LOGP_SUFFIX = "_logp"  # the metric of a task.score_records file (postlab.tasks.evaluate_task)
+
+
+def task_primary_metrics(task: Any) -> tuple[str, ...]:
+    """The metrics a registered task asks a study to compare (its `primary_metrics`); () if unknown."""
+    from ..tasks import TASKS
+
+    cls = TASKS.get(str(task)) if task is not None else None
+    return tuple(getattr(cls, "primary_metrics", ())) if cls is not None else ()
+
+
+def compared_metrics(task: Any, chosen: Sequence[str] | None) -> list[str] | None:
+    """The metrics a study compares on `task`, asked before any data (the planner) and after (the
+    report, which keeps those with data): the study's `metrics` list where it names metrics the task
+    reports (its metric specs and primary metrics, and ``<name>_logp`` of ``task.score_records``), or
+    else the task's primary metrics; None for a task postlab does not know (the report then compares
+    every metric with data). A two-task study's list names each task's own."""
+    from ..tasks import TASKS
+
+    cls = TASKS.get(str(task)) if task is not None else None
+    if cls is None:
+        return list(chosen) if chosen else None
+    declared = set(getattr(cls, "metric_specs", {}) or {}) | set(task_primary_metrics(task))
+    mine = [m for m in (chosen or []) if m in declared or m.endswith(LOGP_SUFFIX)]
+    return mine or list(task_primary_metrics(task))
+
+
+def primary_metrics(task: Any, df: pd.DataFrame) -> list[str]:
+    """The metrics compared for ``task`` (:func:`compared_metrics` of the study's ``metrics`` list,
+    ``df.attrs["compare_metrics"]``) that have data in ``df``, then the study's win rates; every
+    metric with data for a task postlab does not know."""
+    metrics = R.metrics_with_data(df, df.attrs.get("metrics", []))
+    wanted = compared_metrics(task, df.attrs.get("compare_metrics"))
+    if wanted is None:
+        return metrics
+    return [m for m in wanted if m in metrics] + [m for m in metrics if m.startswith("win_rate_vs_") and m not in wanted]
 
 
 def evaluations(df: pd.DataFrame, study_dir: Path, start: bool = False) -> dict[str, PerExample | None]:
@@ -64,11 +103,21 @@ def _test(ga: pd.DataFrame, gb: pd.DataFrame, metric: str, evals_a, evals_b, alp
 
 
 def _with_holm(rows: list[dict], alpha: float) -> pd.DataFrame:
+    """The rows as a table with Holm's adjusted p-values, and beside them each comparison's interval
+    and equivalence bound at the level Holm held it to (`alpha_holm`, stats.holm_levels): the adjusted
+    interval excludes 0 exactly when p_holm < alpha, so a verdict never contradicts the interval
+    printed next to it. ci_low/ci_high/equivalence_bound stay the unadjusted ones."""
     out = pd.DataFrame(rows)
     if out.empty:
         return out
     out.insert(out.columns.get_loc("p_value") + 1, "p_holm", holm(out["p_value"]))
     out["significant_holm"] = out["p_holm"] < alpha
+    levels = holm_levels(out["p_value"], alpha)
+    nan = {"ci_low": math.nan, "ci_high": math.nan, "equivalence_bound": math.nan}
+    adjusted = [interval_at(r, level) if not math.isnan(level) else nan for r, level in zip(rows, levels)]
+    out["alpha_holm"] = levels
+    for k in ("ci_low", "ci_high", "equivalence_bound"):
+        out[f"{k}_holm"] = [a[k] for a in adjusted]
     return out
 
 
@@ -89,7 +138,7 @@ def paired_comparisons(df: pd.DataFrame, alpha: float = 0.05, study_dir: Path | 
         for task in R.tasks_of(df):
             for key, ctx in R.groups(R.task_rows(df, task), others):
                 ctx_label = R.label(key, others) if others else ""
-                metrics = R.primary_metrics(task, R.with_attrs(ctx, df))
+                metrics = primary_metrics(task, R.with_attrs(ctx, df))
                 for va, vb in itertools.combinations(values, 2):
                     ga, gb = ctx[ctx[axis] == va], ctx[ctx[axis] == vb]
                     if ga.empty or gb.empty:
@@ -110,7 +159,7 @@ def baseline_comparisons(df: pd.DataFrame, study_dir: Path, alpha: float = 0.05,
     by = [a for a in R.group_axes(df) if a != R.TASK]
     rows = []
     for task, (key, g) in ((t, kg) for t in R.tasks_of(df) for kg in R.groups(R.task_rows(df, t), by)):
-        for m in R.primary_metrics(task, R.with_attrs(g, df)):
+        for m in primary_metrics(task, R.with_attrs(g, df)):
             zero = g.assign(**{m: g[f"{R.ZERO_SHOT}.{m}"]}) if f"{R.ZERO_SHOT}.{m}" in g.columns else None
             if zero is None or zero[m].isna().all():
                 continue
@@ -122,12 +171,13 @@ def baseline_comparisons(df: pd.DataFrame, study_dir: Path, alpha: float = 0.05,
 
 
 def _fmt(x: float) -> str:
-    return f"{x:+.3g}" if math.isfinite(x) else "n/a"
+    return f"{x:+.3g}" if math.isfinite(x) else ("n/a" if math.isnan(x) else f"{'+' if x > 0 else '−'}∞")
 
 
 def findings(comp: pd.DataFrame, alpha: float = 0.05) -> list[str]:
     """Plain sentences: each comparison significant after Holm's correction; where there is none,
-    the comparisons whose data rule out the smallest differences."""
+    the comparisons whose data rule out the smallest differences. Intervals and bounds are Holm's
+    (the `_holm` columns), as the verdicts are."""
     if comp.empty:
         return []
     out = []
@@ -139,21 +189,26 @@ def findings(comp: pd.DataFrame, alpha: float = 0.05) -> list[str]:
         better = up == bool(r["higher_is_better"])
         word = ("higher" if up else "lower")
         out.append(f"{where}, {r['a']} {'beats' if better else 'falls behind'} {r['b']}: {word} {r['metric']} by "
-                   f"{abs(r['mean_diff']):.3g} ({r['a']} − {r['b']} = {_fmt(r['mean_diff'])}, 95% CI "
-                   f"{_fmt(r['ci_low'])} to {_fmt(r['ci_high'])}; {_size(r)}; Holm-adjusted {format_p(r['p_holm'])}).")
+                   f"{abs(r['mean_diff']):.3g} ({r['a']} − {r['b']} = {_fmt(r['mean_diff'])}, {_ci_words(r)}; "
+                   f"{_size(r)}; Holm-adjusted {format_p(r['p_holm'])}).")
     if out:
         return out
-    tested = comp[comp["equivalence_bound"].map(lambda x: isinstance(x, float) and math.isfinite(x))]
-    for _, r in tested.sort_values("equivalence_bound").head(3).iterrows():
+    tested = comp[comp["equivalence_bound_holm"].map(lambda x: isinstance(x, float) and math.isfinite(x))]
+    for _, r in tested.sort_values("equivalence_bound_holm").head(3).iterrows():
         where = f"on {r['task']}" if not R.missing(r["task"]) else "here"
         out.append(f"No difference found {where} between {r['a']} and {r['b']}"
                    + (f" ({r['context']})" if r["context"] else "")
-                   + f" in {r['metric']}: the data rule out differences larger than {r['equivalence_bound']:.3g} "
-                   f"({r['a']} − {r['b']} = {_fmt(r['mean_diff'])}, 95% CI {_fmt(r['ci_low'])} to {_fmt(r['ci_high'])}; "
-                   f"{_size(r)}; {format_p(r['p_value'])}).")
+                   + f" in {r['metric']}: the data rule out differences larger than {r['equivalence_bound_holm']:.3g} "
+                   f"({r['a']} − {r['b']} = {_fmt(r['mean_diff'])}, {_ci_words(r)}; {_size(r)}; "
+                   f"Holm-adjusted {format_p(r['p_holm'])}).")
     return out
 
 
+def _ci_words(r: pd.Series) -> str:
+    return f"Holm-adjusted CI {_fmt(r['ci_low_holm'])} to {_fmt(r['ci_high_holm'])}"
+
+
 def _size(r: pd.Series) -> str:
-    seeds = f"{int(r['n'])} seed{'s' if r['n'] != 1 else ''}"
-    return seeds + (f" × {int(r['n_examples'])} dev examples" if r.get("n_examples") else "")
+    n = int(r["n"])
+    text = f"{n} seed{'s' if n != 1 else ''}" + (f" × {int(r['n_examples'])} dev examples" if r.get("n_examples") else "")
+    return text + (", ignoring training noise" if n == 1 else "")

@@ -12,14 +12,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from . import results as R
-from .comparisons import higher_is_better
+from .comparisons import higher_is_better, primary_metrics
 from .stats import format_p, summarize
 
 PLOTS = {
     "primary_metrics.png": "Compared metrics per group: dots are seeds, the bar the mean over seeds with its 95% CI; "
                            "dashed line: zero-shot (the runs' starting model), dotted: always the majority class",
-    "paired_comparisons.png": "Paired differences A − B with 95% CIs (seed x example tests); red: significant after "
-                              "Holm's correction, grey: not (the CI then shows which differences the data allow)",
+    "paired_comparisons.png": "Paired differences A − B with Holm-adjusted CIs (seed x example tests); red: significant "
+                              "after Holm's correction, grey: not (the CI then shows which differences the data allow)",
     "dev_curves.png": "Dev metrics over training (steps counted across stages; thin lines: seeds, thick: their "
                       "mean; dotted verticals: where a stage hands off to the next)",
     "learning_curves.png": "Training loss per run (one line per seed, coloured by group)",
@@ -55,7 +55,7 @@ def _color(i: int) -> str:
 def _plot_main(df: pd.DataFrame) -> Figure | None:
     """One panel per (task, compared metric): a row per group, the seeds as dots, the mean with its
     95% CI, on an axis fitted to the data and the baselines (zero-shot, majority class)."""
-    panels = [(task, m) for task in R.tasks_of(df) for m in R.primary_metrics(task, R.task_rows(df, task))]
+    panels = [(task, m) for task in R.tasks_of(df) for m in primary_metrics(task, R.task_rows(df, task))]
     if not panels:
         return None
     rest = [a for a in R.group_axes(df) if a != R.TASK]
@@ -147,7 +147,7 @@ def _plot_dev_curves(df: pd.DataFrame, study_dir: Path) -> Figure | None:
     panels = []
     for task in R.tasks_of(df):
         sub = R.task_rows(df, task)
-        for m in R.primary_metrics(task, sub):
+        for m in primary_metrics(task, sub):
             curves = {rid: R.dev_curve(study_dir / "runs" / rid, m) for rid in sub["run_id"]}
             if any(len(c[0]) > 2 for c in curves.values()):
                 panels.append((task, m, sub, curves))
@@ -245,7 +245,7 @@ def _plot_wall(df: pd.DataFrame) -> Figure | None:
 
 
 def _plot_paired(comp: pd.DataFrame) -> Figure | None:
-    """Forest plot of paired differences A − B with 95% CIs: one panel per metric."""
+    """Forest plot of paired differences A − B with their Holm-adjusted CIs: one panel per metric."""
     if comp.empty:
         return None
     metrics = list(dict.fromkeys(comp["metric"]))
@@ -255,13 +255,14 @@ def _plot_paired(comp: pd.DataFrame) -> Figure | None:
     for ax, m in zip(axs[:, 0], metrics):
         rows = comp[comp["metric"] == m].reset_index(drop=True)
         for y, r in rows.iterrows():
-            color = "C3" if r.get("significant_holm", r["significant"]) else "0.45"
-            if not math.isnan(r["ci_low"]):
-                ax.errorbar(r["mean_diff"], y, xerr=[[r["mean_diff"] - r["ci_low"]], [r["ci_high"] - r["mean_diff"]]],
+            color = "C3" if r["significant_holm"] else "0.45"
+            lo, hi = r["ci_low_holm"], r["ci_high_holm"]
+            if math.isfinite(lo) and math.isfinite(hi):
+                ax.errorbar(r["mean_diff"], y, xerr=[[r["mean_diff"] - lo], [hi - r["mean_diff"]]],
                             fmt="o", color=color, capsize=3)
             else:
                 ax.plot(r["mean_diff"], y, "o", mfc="none", color=color)
-            p = r.get("p_holm", r["p_value"])
+            p = r["p_holm"]
             ax.annotate(f"p(Holm) {format_p(p)[2:] if format_p(p).startswith('p=') else format_p(p)[1:]}", (1.0, y),
                         xycoords=("axes fraction", "data"), xytext=(4, 0), textcoords="offset points", va="center",
                         fontsize="x-small", color=color)

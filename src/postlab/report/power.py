@@ -5,7 +5,13 @@ The variance of a per-example difference (seed, example and residual components;
 comes, in this order, from `--variance-from DIR` (a study directory whose arms were compared
 example by example), from runs of this study already complete in its directory, or from the
 conservative defaults the tasks state for their metrics (MetricSpec.planning). Components are pooled
-per (task, metric) as the median over that study's comparisons.
+per (task, metric) as the median over that study's comparisons. A 1-seed design takes its training
+noise from the task's default where that is larger than the source's: its test cannot measure any.
+
+Besides the table, the plan says in words what a design cannot do: a 1-seed comparison cannot tell a
+recipe effect from training noise (and how often it would be fooled), 2 seeds detect far less than 3,
+and a study's `effects` (the smallest difference worth finding, per metric) that a comparison cannot
+detect, with the number of seeds that would.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .paired import Components, detectable_effect, pooled_components
+from .paired import Components, detectable_effect, one_seed_false_positive_rate, pooled_components
 
 if TYPE_CHECKING:
     from ..study import PlannedRun, Study
@@ -36,60 +42,53 @@ class PlannedComparison:
     examples: int | None  # dev examples (None: unknown before the data loads)
 
 
-def _label(axes: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
-                     for k, v in axes.items())
-
-
 def planned_comparisons(study: Study, runs: list[PlannedRun]) -> list[PlannedComparison]:
-    """The comparisons the report will make, from the plan: each axis but seed and task with 2+
-    values, each pair of its values, over runs that agree on every other axis."""
-    from .results import task_primary_metrics
+    """The comparisons the report will make (postlab.report.comparisons.paired_comparisons), from the
+    plan: each axis but seed and task with 2+ values, each pair of its values in the report's order
+    (so A − B has the report's sign), per task, over runs that agree on every other axis; the metrics
+    the report compares on that task (comparisons.compared_metrics) and the study's win rate."""
+    from . import results as R
 
-    axes = [a.name for a in study.axes]
-    group_axes = [a for a in axes if a != "seed"]
-    metrics = _study_metrics(study)
+    group_axes = [a.name for a in study.axes if a.name not in (R.SEED, R.TASK)]
     dev_sizes: dict[str, int | None] = {}
     out = []
     for axis in group_axes:
-        if axis == "task":
-            continue
-        values = list(dict.fromkeys(r.axes[axis] for r in runs))
+        values = R.sorted_values(r.axes[axis] for r in runs)
         others = [a for a in group_axes if a != axis]
-        contexts = list(dict.fromkeys(tuple(r.axes[o] for o in others) for r in runs))
-        for ctx in contexts:
-            in_ctx = [r for r in runs if tuple(r.axes[o] for o in others) == ctx]
-            for va, vb in itertools.combinations(values, 2):
-                ra = [r for r in in_ctx if r.axes[axis] == va]
-                rb = [r for r in in_ctx if r.axes[axis] == vb]
-                if not ra or not rb:
-                    continue
-                seeds = len({r.config.seed for r in ra} & {r.config.seed for r in rb})
-                stage = ra[0].config.stages[-1]  # the final evaluation is the last stage's
-                task = stage.task.name
-                key = stage.task.model_dump_json(include={"name", "dev", "dev_reference", "dev_limit"})
-                if key not in dev_sizes:
-                    dev_sizes[key] = _dev_size(stage.task)
-                rest = {o: v for o, v in zip(others, ctx) if o != "task"}
-                for m in _task_metrics(task, metrics) if metrics else task_primary_metrics(task):
-                    out.append(PlannedComparison(axis, va, vb, _label(rest), task, m, seeds, dev_sizes[key]))
+        for task in R.sorted_values(_task(r) for r in runs):
+            of_task = [r for r in runs if _task(r) == task]
+            contexts = sorted({tuple(r.axes[o] for o in others) for r in of_task}, key=lambda k: tuple(map(str, k)))
+            for ctx in contexts:
+                in_ctx = [r for r in of_task if tuple(r.axes[o] for o in others) == ctx]
+                for va, vb in itertools.combinations(values, 2):
+                    ra = [r for r in in_ctx if r.axes[axis] == va]
+                    rb = [r for r in in_ctx if r.axes[axis] == vb]
+                    if not ra or not rb:
+                        continue
+                    seeds = len({r.config.seed for r in ra} & {r.config.seed for r in rb})
+                    stage = ra[0].config.stages[-1]  # the final evaluation is the last stage's
+                    key = stage.task.model_dump_json(include={"name", "dev", "dev_reference", "dev_limit", "validation"})
+                    if key not in dev_sizes:
+                        dev_sizes[key] = _dev_size(stage.task)
+                    label = R.label(ctx, others) if others else ""
+                    out += [PlannedComparison(axis, va, vb, label, task, m, seeds, dev_sizes[key])
+                            for m in _compared(study, stage.task)]
     return out
 
 
-def _task_metrics(task: str, metrics: list[str]) -> list[str]:
-    """The study's metrics that `task` reports (the report compares a metric only where runs have it):
-    a two-task study's list names each task's own."""
-    from ..tasks import TASKS
-
-    known = set(getattr(TASKS.get(task), "metric_specs", {}) or {})
-    return [m for m in metrics if m in known] if known else metrics
+def _task(run: PlannedRun) -> str:
+    return run.config.stages[-1].task.name  # what the run records as its task (its last stage's)
 
 
-def _study_metrics(study: Study) -> list[str]:
-    import yaml
+def _compared(study: Study, task_cfg) -> list[str]:
+    """What the report compares on a run's task: its compared metrics (a score_records log-likelihood
+    only where the task scores that file), then the study's win rate."""
+    from .comparisons import LOGP_SUFFIX, compared_metrics
+    from .results import win_rate_column
 
-    tree = yaml.safe_load(study.text) or {}
-    return [str(m) for m in tree.get("metrics") or []]
+    metrics = compared_metrics(task_cfg.name, study.metrics) or []
+    metrics = [m for m in metrics if not m.endswith(LOGP_SUFFIX) or m[:-len(LOGP_SUFFIX)] in task_cfg.score_records]
+    return metrics + ([win_rate_column(study.win_rate_vs)] if study.win_rate_vs else [])
 
 
 def _dev_size(task_cfg) -> int | None:
@@ -143,10 +142,10 @@ def default_components(task: str, metric: str) -> Components | None:
 
 
 def power_table(comparisons: list[PlannedComparison], sources: list[tuple[str, dict]]) -> list[dict]:
-    """Per comparison: the detectable effect at 80% power and where its variance came from.
-    `sources`: (description, {(task, metric): Components}) in order of preference."""
+    """Per comparison: the detectable effect at 80% power, where its variance came from, and the
+    components themselves (`components`, for format_power's words). `sources`: (description,
+    {(task, metric): Components}) in order of preference."""
     rows = []
-    cache: dict[tuple, float] = {}
     for c in comparisons:
         comps, origin = None, "none"
         for name, table in sources:
@@ -154,34 +153,101 @@ def power_table(comparisons: list[PlannedComparison], sources: list[tuple[str, d
             if comps is not None:
                 origin = name
                 break
+        default = default_components(c.task, c.metric)
         if comps is None:
-            comps = default_components(c.task, c.metric)
-            origin = "task default (conservative)" if comps is not None else "unknown"
-        mde = math.nan
-        if comps is not None and c.examples:
-            key = (comps.seed, comps.example, comps.residual, c.seeds, c.examples)
-            if key not in cache:
-                cache[key] = detectable_effect(comps, c.seeds, c.examples, ALPHA, POWER)
-            mde = cache[key]
+            comps, origin = default, "task default (conservative)" if default is not None else "unknown"
+        elif c.seeds == 1 and default is not None and default.seed > comps.seed:
+            # a 1-seed design measures no training noise: at least the task's stated amount
+            comps = Components(default.seed, comps.example, comps.residual, comps.n_seeds, comps.n_examples)
+            origin += " (seed variance: task default)"
+        mde = _detectable(comps, c.seeds, c.examples) if comps is not None and c.examples else math.nan
         rows.append({"comparison": f"{c.axis}: {c.a} vs {c.b}" + (f" [{c.context}]" if c.context else ""),
                      "task": c.task, "metric": c.metric, "seeds": c.seeds, "examples": c.examples,
-                     "detectable": mde, "variance_from": origin})
+                     "detectable": mde, "variance_from": origin, "components": comps})
     return rows
 
 
-def format_power(rows: list[dict]) -> str:
+_DETECTABLE: dict[tuple, float] = {}
+
+
+def _detectable(comps: Components, seeds: int, examples: int) -> float:
+    """detectable_effect at the plan's alpha and power, remembered (the words ask again)."""
+    key = (comps.seed, comps.example, comps.residual, seeds, examples)
+    if key not in _DETECTABLE:
+        _DETECTABLE[key] = detectable_effect(comps, seeds, examples, ALPHA, POWER)
+    return _DETECTABLE[key]
+
+
+def format_power(rows: list[dict], effects: dict[str, float] | None = None) -> str:
+    """The power table, then in words what the designs cannot do (see the module doc). `effects`:
+    the smallest difference worth finding per metric (the study's `effects`)."""
     if not rows:
         return "  Power: no comparisons (no axis other than seed and task has 2 values)."
     table = [["comparison", "task", "metric", "seeds x dev", "detectable |A − B|", "variance from"]]
     for r in rows:
         size = f"{r['seeds']} x {r['examples'] if r['examples'] else '?'}"
-        mde = f"{r['detectable']:.3g}" if isinstance(r["detectable"], float) and math.isfinite(r["detectable"]) else "?"
-        table.append([r["comparison"], r["task"], r["metric"], size, mde, r["variance_from"]])
+        table.append([r["comparison"], r["task"], r["metric"], size, _effect_cell(r), r["variance_from"]])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["", f"  Power: the smallest true difference each comparison finds with {POWER:.0%} probability "
                  f"(two-sided, alpha {ALPHA}; seed x example test, docs/statistics.md):"]
     for row in table:
         lines.append(("  " + "  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))).rstrip())
-    if any(r["seeds"] < 2 for r in rows):
-        lines.append("  With 1 seed the test is per example and ignores training noise; plan 3 or more seeds.")
-    return "\n".join(lines)
+    words = _design_words(rows) + _effect_words(rows, effects or {})
+    return "\n".join(lines + [f"  {w}" for w in dict.fromkeys(words)])
+
+
+def _effect_cell(r: dict) -> str:
+    d = r["detectable"]
+    if not isinstance(d, float) or math.isnan(d):
+        return "?"
+    return f"{d:.3g}" if math.isfinite(d) else ("none (1 seed)" if r["seeds"] == 1 else "none")
+
+
+def _design_words(rows: list[dict]) -> list[str]:
+    """What 1- and 2-seed designs cannot do, once per (task, metric, design)."""
+    out = []
+    for r in rows:
+        comps, n = r["components"], r["examples"]
+        if comps is None or not n or r["seeds"] >= 3:
+            continue
+        what = f"{r['task']} {r['metric']} ({r['seeds']} x {n})"
+        three = f"3 seeds detect {_detectable(comps, 3, n):.3g}"
+        if r["seeds"] == 1 and comps.seed > 0:
+            fooled = one_seed_false_positive_rate(comps, n, ALPHA)
+            out.append(f"{what}: with 1 seed the report's test is per example and ignores training noise. Retraining "
+                       f"moves this difference with SD {math.sqrt(comps.seed):.3g} ({r['variance_from']}), so between "
+                       f"two recipes that do not differ a 1-seed result is a false positive {fooled:.0%} of the time: "
+                       f"no 1-seed design can tell a recipe effect from training noise ({three}).")
+        elif r["seeds"] == 2:
+            out.append(f"{what}: 2 seeds estimate training noise from 1 degree of freedom and detect only "
+                       f"|A − B| >= {r['detectable']:.3g}, where {three}.")
+    return out
+
+
+def _effect_words(rows: list[dict], effects: dict[str, float]) -> list[str]:
+    """For each comparison that cannot detect the effect the study names for its metric: what it
+    detects, and how many seeds would (up to 20)."""
+    out = []
+    for r in rows:
+        effect, comps, n = effects.get(r["metric"]), r["components"], r["examples"]
+        if effect is None or comps is None or not n or not r["detectable"] > effect:
+            continue
+        seeds = _seeds_for(comps, n, effect, max(r["seeds"] + 1, 3))
+        would = (f"{seeds} seeds would ({_detectable(comps, seeds, n):.3g})" if seeds else
+                 "no number of seeds up to 20 would; more dev examples might")
+        detects = "nothing" if not math.isfinite(r["detectable"]) else f"only |A − B| >= {r['detectable']:.3g}"
+        out.append(f"{r['comparison']} ({r['task']} {r['metric']}): cannot detect the effect you named, {effect:g}: "
+                   f"{r['seeds']} seed{'s' if r['seeds'] != 1 else ''} x {n} detect {detects}; {would}.")
+    return out
+
+
+def _seeds_for(comps: Components, examples: int, effect: float, start: int, most: int = 20) -> int | None:
+    """The fewest seeds from `start` to `most` that detect `effect` (the detectable effect falls as
+    seeds grow: bisection), or None."""
+    if _detectable(comps, most, examples) > effect:
+        return None
+    lo, hi = start - 1, most  # detectable(lo) > effect (or lo below start), detectable(hi) <= effect
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _detectable(comps, mid, examples) <= effect else (mid, hi)
+    return hi

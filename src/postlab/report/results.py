@@ -27,12 +27,9 @@ TASK = "task"
 ZERO_SHOT = "zero_shot"  # columns zero_shot.<metric>: the run's starting model (step 0 of its first stage)
 
 
-def task_primary_metrics(task: Any) -> tuple[str, ...]:
-    """The metrics a registered task asks a study to compare (its `primary_metrics`); () if unknown."""
-    from ..tasks import TASKS
-
-    cls = TASKS.get(str(task)) if task is not None else None
-    return tuple(getattr(cls, "primary_metrics", ())) if cls is not None else ()
+def win_rate_column(versus: dict[str, Any]) -> str:
+    """The column add_win_rates adds for a study's ``win_rate_vs`` (a metric every task reports)."""
+    return "win_rate_vs_" + "_".join(str(v) for v in versus.values())
 
 
 def run_dirs(study_dir: Path) -> list[Path]:
@@ -43,7 +40,8 @@ def run_dirs(study_dir: Path) -> list[Path]:
 
 
 def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A number, numpy's included (a table's column of ints holds numpy integers)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
 def _last_log(run_dir: Path) -> str:
@@ -300,7 +298,7 @@ def add_win_rates(df: pd.DataFrame, study_dir: Path, versus: dict[str, Any]) -> 
     axes = df.attrs.get("axes", [])
     if df.empty or not all(a in axes for a in versus):
         return df
-    col = "win_rate_vs_" + "_".join(str(v) for v in versus.values())
+    col = win_rate_column(versus)
     scores = {rid: _per_example_scores(study_dir / "runs" / rid) for rid in df["run_id"]}
     others = [a for a in axes if a not in versus]
     values = []
@@ -338,16 +336,6 @@ def missing(v: Any) -> bool:
 
 def metrics_with_data(df: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
     return [m for m in metrics if m in df.columns and df[m].notna().any()]
-
-
-def primary_metrics(task: Any, df: pd.DataFrame) -> list[str]:
-    """The metrics compared for ``task``: the study's ``metrics`` list (``df.attrs["compare_metrics"]``)
-    or the task's primary metrics, those with data in ``df``; all its metrics for other tasks."""
-    metrics = metrics_with_data(df, df.attrs.get("metrics", []))
-    wanted = [m for m in (df.attrs.get("compare_metrics") or task_primary_metrics(task)) if m in metrics]
-    if not wanted:
-        return metrics
-    return wanted + [m for m in metrics if m.startswith("win_rate_vs_") and m not in wanted]  # asked for by the study
 
 
 def tasks_of(df: pd.DataFrame) -> list:

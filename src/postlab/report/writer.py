@@ -26,8 +26,15 @@ import pandas as pd
 from ..checkpoint import atomic_write_bytes, atomic_write_text
 from . import plots
 from . import results as R
-from .comparisons import baseline_comparisons, evaluations, findings, paired_comparisons
-from .results import add_win_rates, load_runs, task_primary_metrics
+from .comparisons import (
+    baseline_comparisons,
+    evaluations,
+    findings,
+    paired_comparisons,
+    primary_metrics,
+    task_primary_metrics,
+)
+from .results import add_win_rates, load_runs
 from .stats import format_p, summarize
 
 
@@ -135,7 +142,7 @@ def _md_main_tables(df: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
         sub = summary if task is None else summary[summary[R.TASK] == task]
         if sub.empty:
             continue
-        metrics = R.primary_metrics(task, R.task_rows(df, task))
+        metrics = primary_metrics(task, R.task_rows(df, task))
         if task is not None:
             lines += [f"### {R.TASK} = {task}", ""]
         headers = cols + ["n seeds"]
@@ -180,7 +187,15 @@ def _md_all_metrics(df: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
 
 
 def _ci(r: pd.Series) -> str:
-    return f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]" if not math.isnan(r["ci_low"]) else "–"
+    """The Holm-adjusted interval: the one that agrees with the verdict beside it."""
+    return f"[{_num(r['ci_low_holm'])}, {_num(r['ci_high_holm'])}]" if not math.isnan(r["ci_low_holm"]) else "–"
+
+
+HOLM_WORDS = ("Verdicts use the Holm-adjusted p, and the interval beside each is adjusted the same way: it is the "
+              "interval at the level Holm held that comparison to (Bonferroni's alpha / m for the smallest p, up to "
+              "alpha for the last), so it excludes 0 exactly when p (Holm) < alpha; the unadjusted 95% intervals are "
+              "in comparisons.csv. Where nothing is found, \"no difference larger than X\" is the equivalence bound at "
+              "the same level: two one-sided tests rule out any |A − B| above X.")
 
 
 def _md_comparisons(comp: pd.DataFrame, alpha: float) -> list[str]:
@@ -195,9 +210,7 @@ def _md_comparisons(comp: pd.DataFrame, alpha: float) -> list[str]:
         f"(postlab's docs/statistics.md); "
         f"runs without per-example statistics fall back to a paired t-test over seeds. {tested} tests at "
         f"alpha = {alpha}, Holm-corrected over all of them: {int(comp['significant_holm'].sum())} significant "
-        f"({int(comp['significant'].sum())} before correction). Verdicts use the Holm-adjusted p. Where nothing "
-        f"is found, \"no difference larger than X\" is the equivalence bound: two one-sided tests at alpha rule "
-        f"out any |A − B| above X.", ""]
+        f"({int(comp['significant'].sum())} before correction). {HOLM_WORDS}", ""]
     has_task = comp["task"].notna().any()
     for axis, g in comp.groupby("axis", sort=False):
         lines += [f"### {axis}", ""]
@@ -208,7 +221,8 @@ def _md_comparisons(comp: pd.DataFrame, alpha: float) -> list[str]:
                         + [r["context"] or "–", r["metric"], _size(r), _num(r["mean_diff"]), _ci(r),
                            _p_cell(r["p_value"]), _p_cell(r["p_holm"]), r["test"], verdict])
         headers = (["A", "B"] + (["task"] if has_task else [])
-                   + ["other axes", "metric", "seeds × examples", "A − B", "95% CI", "p", "p (Holm)", "test", "verdict"])
+                   + ["other axes", "metric", "seeds × examples", "A − B", "CI (Holm)", "p", "p (Holm)", "test",
+                      "verdict"])
         lines += _md_table(headers, rows) + [""]
     return lines
 
@@ -218,7 +232,7 @@ def _verdict(r: pd.Series, alpha: float) -> str:
         return str(r["verdict"])
     if r["significant_holm"]:
         return f"**{r['a']} {'>' if r['mean_diff'] > 0 else '<'} {r['b']}**"
-    bound = r.get("equivalence_bound", math.nan)
+    bound = r.get("equivalence_bound_holm", math.nan)
     return f"no difference larger than {bound:.3g}" if isinstance(bound, float) and math.isfinite(bound) else "within noise"
 
 
@@ -231,13 +245,13 @@ def _md_baselines(base: pd.DataFrame, alpha: float) -> list[str]:
     if base.empty:
         return lines + ["No run recorded its starting model's evaluation (stage option eval_at_start).", ""]
     lines += [f"Each group against the model it started from (zero-shot), paired on seed and dev example, same "
-              f"tests; Holm over these {len(base)} rows (a family of its own).", ""]
+              f"tests; Holm over these {len(base)} rows (a family of its own), intervals adjusted alike.", ""]
     has_task = base["task"].notna().any()
     rows = [[r["group"]] + ([r["task"]] if has_task else []) + [r["metric"], _num(r["zero_shot"]), _num(r["mean_diff"]),
             _ci(r), _p_cell(r["p_holm"]), _verdict(r, alpha)]
             for _, r in base.iterrows()]
-    headers = ["group"] + (["task"] if has_task else []) + ["metric", "zero-shot", "trained − zero-shot", "95% CI",
-                                                               "p (Holm)", "verdict"]
+    headers = ["group"] + (["task"] if has_task else []) + ["metric", "zero-shot", "trained − zero-shot",
+                                                               "CI (Holm)", "p (Holm)", "verdict"]
     return lines + _md_table(headers, rows) + [""]
 
 # --------------------------------------------------------------------------------------------
