@@ -1,7 +1,8 @@
 """Calibration of the seed x example test (postlab.report.paired) by simulation: false-positive rate under
 the null and power at the planner's detectable effect, over a grid of variance components, seeds and
-dev sizes. Also the two tests it combines, alone (the crossed test without the seed-level guard, and
-the paired t-test over seeds), to show why both are needed. docs/statistics.md quotes its output.
+dev sizes (down to 2 dev examples). Also the tests it combines, alone (the crossed test without its
+guards, the paired t-test over seeds, the t-test over examples), to show why each is needed.
+docs/statistics.md quotes its output.
 
     python bench/stats_calibration.py --sims 4000 --out bench/results/stats_calibration.json
 """
@@ -26,6 +27,10 @@ GRID = [
     ((0.02, 0.30, 0.40), 3, 400, "400 pairs, little training noise"),
     ((0.05, 0.20, 0.20), 5, 50, "5 seeds"),
     ((0.10, 0.20, 0.20), 2, 100, "2 seeds"),
+    ((0.00, 0.30, 0.30), 5, 2, "2 dev examples, 5 seeds"),
+    ((0.30, 1.00, 0.30), 10, 2, "2 dev examples, 10 seeds"),
+    ((0.30, 1.00, 0.30), 10, 3, "3 dev examples, 10 seeds"),
+    ((0.30, 1.00, 0.30), 3, 4, "4 dev examples, 3 seeds"),
 ]
 
 
@@ -36,7 +41,7 @@ def rates(sd: tuple[float, float, float], S: int, n: int, delta: float, sims: in
     m, ms_s, ms_e, ms_r = mean_squares(D)
     res = crossed_from_mean_squares(m, ms_s, ms_e, ms_r, S, n)
     return {"postlab": float((res["p_value"] < 0.05).mean()), "crossed_alone": float((res["p_crossed"] < 0.05).mean()),
-            "seeds_alone": float((res["p_seeds"] < 0.05).mean())}
+            "seeds_alone": float((res["p_seeds"] < 0.05).mean()), "examples_alone": float((res["p_examples"] < 0.05).mean())}
 
 
 def main() -> None:
@@ -54,9 +59,9 @@ def main() -> None:
                "power_at_detectable_effect": rates(sd, S, n, mde, a.sims, rng)}
         rows.append(row)
         fp, pw = row["false_positive_rate"], row["power_at_detectable_effect"]
-        print(f"{what:38s} S={S} n={n:4d}  false positives: postlab {fp['postlab']:.3f} (crossed alone "
-              f"{fp['crossed_alone']:.3f}, seeds alone {fp['seeds_alone']:.3f})  detectable {mde:.3g}: found "
-              f"{pw['postlab']:.3f}")
+        print(f"{what:38s} S={S:2d} n={n:4d}  false positives: postlab {fp['postlab']:.3f} (crossed alone "
+              f"{fp['crossed_alone']:.3f}, seeds alone {fp['seeds_alone']:.3f}, examples alone "
+              f"{fp['examples_alone']:.3f})  detectable {mde:.3g}: found {pw['postlab']:.3f}")
     out = {"command": f"python bench/stats_calibration.py --sims {a.sims} --out {a.out}", "alpha": 0.05,
            "stated_power": 0.8, "sims_per_cell": a.sims, "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
