@@ -248,9 +248,10 @@ REPORTED = {"paraphrase": ["accuracy", "macro_f1", "majority_accuracy", "majorit
 
 @pytest.mark.parametrize("metrics", [["accuracy", "chrf"], ["chrf"], None])
 def test_the_plan_lists_exactly_the_comparisons_the_report_makes(tmp_path, metrics):
-    """A two-task grid (regimes listed sft before dpo, two learning rates): the plan's rows are the
-    report's, pair orientation (A − B) and metrics included; a metrics list that names none of a task's
-    metrics compares the task's primary ones in both (the report compared every metric there)."""
+    """A two-task grid (regimes listed sft before dpo, two learning rates, two epoch counts): the plan's
+    rows are the report's, pair orientation (A − B), context labels (`epochs=1`) and metrics included;
+    a metrics list that names none of a task's metrics compares the task's primary ones in both (the
+    report compared every metric there)."""
     import pandas as pd
 
     from postlab.report.comparisons import paired_comparisons
@@ -263,7 +264,7 @@ def test_the_plan_lists_exactly_the_comparisons_the_report_makes(tmp_path, metri
         "base": {"model": {"name": "smollm2-135m", "device": "cpu", "precision": "fp32"}},
         "axes": {"task": {"paraphrase": {"task": {"name": "paraphrase"}}, "sonnets": {"task": {"name": "sonnets"}}},
                  "regime": {"sft": {"objective": {"name": "nll"}}, "dpo": {"objective": {"name": "dpo", "beta": 0.1}}},
-                 "optim.lr": [2.0e-5, 1.0e-5], "seed": [0, 1]}}))
+                 "optim.lr": [2.0e-5, 1.0e-5], "epochs": [2, 1], "seed": [0, 1]}}))
     study = load_study(study_file)
     runs = plan(study)
     rng = np.random.default_rng(5)
