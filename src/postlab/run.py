@@ -14,6 +14,7 @@ from dataclasses import replace
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -22,7 +23,8 @@ from . import distributed as dist
 from . import faults
 from .allocator import release_freed_memory
 from .cache import cached_evaluation, location, lock, tokenizer_fingerprint
-from .checkpoint import atomic_write_json, atomic_write_text, read_json, remove_dir, replace_dir, trainable_state
+from .checkpoint import (atomic_write_json, atomic_write_text, existing_dir, read_json, remove_dir, replace_dir,
+                         trainable_state)
 from .config import ModelConfig, RunConfig, StageConfig, dump_config, parse_run_config
 from .data import tokenize
 from .errors import ConfigError, DataError, PostlabError
@@ -153,6 +155,52 @@ def stage_data(lm: LM, cfg: RunConfig, stage: StageConfig):
     return task, spec, items, cached
 
 
+def check_inputs(runs: list[tuple[str, RunConfig]]) -> None:
+    """Every input the runs name, checked before anything is written or loaded: each distinct local
+    data set read (train, dev and the files tasks add), each model named (base, teachers, samplers)
+    found. Raises ConfigError listing the problems and the runs they affect."""
+    from .hub import is_hub_id
+    from .validate import check_model
+
+    users: dict[str, tuple[Any, list[str]]] = {}
+    models: dict[tuple[str, str], list[str]] = {}
+    for rid, cfg in runs:
+        models.setdefault((cfg.model.name, "model.name"), []).append(rid)
+        for i, s in enumerate(cfg.stages):
+            key = s.task.model_dump_json(exclude={"generation", "pairs", "overlength"})
+            users.setdefault(key, (s.task, []))[1].append(rid)
+            if s.teacher:
+                models.setdefault((s.teacher, f"stages.{i}.teacher"), []).append(rid)
+            if s.task.pairs.rejected_from not in ("stage-start", "base"):
+                models.setdefault((s.task.pairs.rejected_from, f"stages.{i}.task.pairs.rejected_from"), []).append(rid)
+    problems = []
+
+    def affected(rids: list[str]) -> str:
+        rids = list(dict.fromkeys(rids))
+        return "" if rids == [""] else f" (run {rids[0]}" + (f" and {len(rids) - 1} more)" if len(rids) > 1 else ")")
+
+    for (name, field), rids in models.items():
+        try:
+            check_model(name, field)
+        except ConfigError as e:
+            problems.append(f"{e}{affected(rids)}")
+    for task_cfg, rids in users.values():
+        sources = [getattr(task_cfg, k) for k in ("train", "dev", "dev_reference") if getattr(task_cfg, k)]
+        if any(is_hub_id(x) for x in sources):
+            continue  # a hub dataset id: not downloaded just to check it
+        try:
+            task = get_task(task_cfg)
+            training_task(task_cfg).train_examples()
+            task.dev_examples()
+            records_fingerprint(task_cfg)
+        except PostlabError as e:
+            problems.append(f"task {task_cfg.name}{affected(rids)}: {e}")
+    if len(problems) == 1 and len(runs) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError("problems found before training:\n  " + "\n  ".join(problems))
+
+
 def check_resume(out: Path, cfg: RunConfig, resume: bool) -> None:
     saved = out / "config.yaml"
     if not saved.is_file():
@@ -179,15 +227,30 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     for s in cfg.stages:  # fail on a bad objective/task name before any model loads
         parse_args(get_objective(s.objective.name), s.objective.args)
         get_task(s.task)
+    if not (out / "config.yaml").is_file():
+        check_inputs([("", cfg)])  # (a study checked its runs' inputs already; resuming runs were checked)
+    created = not out.exists()
     from .tracking import Trackers
 
     trackers = Trackers(cfg.tracking, out, out.name) if cfg.tracking and dist.is_main() else None
     try:
         return _run(cfg, out, MetricsLog(out / "metrics.jsonl", trackers))
+    except PostlabError:
+        if created and dist.is_main() and not _anything_trained(out):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)  # a refused run leaves nothing that --resume would trip on
+        raise
     finally:
         if trackers is not None:
             trackers.close()
         release_freed_memory()  # the next run in this process starts from an unfragmented heap
+
+
+def _anything_trained(out: Path) -> bool:
+    """Does the run folder hold work worth keeping: a checkpoint or a finished stage?"""
+    return any(d.is_dir() and ((d / "done.json").is_file() or existing_dir(d / "checkpoint") is not None)
+               for d in out.iterdir()) if out.is_dir() else False
 
 
 def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from . import distributed as dist
@@ -26,6 +25,7 @@ from .errors import TrainingError
 from .fsdp import strategy as parallel_strategy
 from .logprobs import score
 from .models import LM, own_trainable_weights
+from .progress import bar as progress_bar
 from .objectives import ObjectiveArgs, ObjectiveSpec, PairLogps, TokenLogps
 from .runlog import MetricsLog
 
@@ -178,8 +178,8 @@ def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog,
     if at.step == 0 and (cfg.eval_at_start or total == 0):  # max_steps: 0 evaluates only
         _evaluate(lm, par, at, evaluate, metrics, cfg.name, 0.0, final=total == 0)
     model.train()
-    bar = tqdm(total=total, initial=at.step, desc=f"{cfg.name} ({plan.spec.name})", unit="step", dynamic_ncols=True,
-               disable=not dist.is_main())
+    bar = progress_bar(total=total, initial=at.step, desc=f"{cfg.name} ({plan.spec.name})", unit="step",
+                       dynamic_ncols=True, main_process=dist.is_main())
     pending = _Pending(plan, at, metrics, bar)
     with compiled_body(model, plan.compile), dropout_off(model, _dropout_disabled(plan)):
         _train_epochs(lm, plan, par, model, opt, sched, schedule, at, pending, evaluate, metrics, t_start, bar)
