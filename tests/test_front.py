@@ -108,3 +108,47 @@ def test_a_run_piped_to_a_file_draws_no_progress_bars(tmp_path, tiny_llama):
                            text=True, cwd=tmp_path)
     assert p.returncode == 0, err.read_text()[-2000:]
     assert "\r" not in err.read_text() and "step/s" not in err.read_text()
+
+
+FRESH = """
+import sys
+from postlab.cli import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+print("IMPORTED", "torch" in sys.modules, "transformers" in sys.modules)
+"""
+
+
+def _imports_after(argv: list[str], cwd: Path) -> tuple[bool, bool]:
+    """(torch imported, transformers imported) by `postlab <argv>` in a fresh interpreter."""
+    p = subprocess.run([sys.executable, "-c", FRESH.format(argv=argv)], capture_output=True, text=True, cwd=cwd)
+    line = next(x for x in p.stdout.splitlines() if x.startswith("IMPORTED"))
+    return line.split()[1] == "True", line.split()[2] == "True"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["study", "plan", "--help"], ["list", "objectives"]],
+                         ids=lambda a: " ".join(a))
+def test_help_and_lookups_import_neither_torch_nor_transformers(argv, tmp_path):
+    assert _imports_after(argv, tmp_path) == (False, False)
+
+
+def test_validating_every_shipped_config_imports_neither_torch_nor_transformers(tmp_path):
+    argv_list = [["train", str(p), "--dry-run"] for p in CONFIGS]
+    code = "\n".join(["import sys", "from postlab.cli import main"]
+                     + [f"assert main({a!r}) == 0" for a in argv_list]
+                     + ["print('IMPORTED', 'torch' in sys.modules, 'transformers' in sys.modules)"])
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "IMPORTED False False"
+
+
+def test_study_plan_imports_no_torch(tmp_path, data_dir):
+    import os
+
+    code = FRESH.format(argv=["study", "plan", str(REPO / "studies" / "quick.yaml")])
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "POSTLAB_DATA": str(data_dir)})
+    assert "total: 12 run(s)" in p.stdout, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1].split()[1] == "False"  # torch

@@ -96,12 +96,10 @@ def test_keep_weights_false_is_refused_where_weights_are_read(tmp_path, stage, m
 
 
 def test_what_a_stage_keeps_does_not_change_its_reuse_key(tmp_path):
-    from postlab.run import stage_prefix_key
-
     a = run_config(Path("m"), tmp_path / "a", tmp_path / "p.tsv", save_model=True)
     b = run_config(Path("m"), tmp_path / "b", tmp_path / "p.tsv", save_model=False, keep_weights=False)
     c = run_config(Path("m"), tmp_path / "c", tmp_path / "p.tsv", save_model=False, epochs=3)
-    keys = [stage_prefix_key(parse_run_config(x), 0) for x in (a, b, c)]
+    keys = [parse_run_config(x).stage_key(0) for x in (a, b, c)]
     assert keys[0] == keys[1] != keys[2]
 
 

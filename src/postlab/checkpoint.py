@@ -10,11 +10,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from . import faults
 from .errors import ModelError, TrainingError
+from .lazy import lazy, torch
+
+safetensors_torch = lazy("safetensors.torch")  # (the atomic writers here serve the torch-free front too)
 
 
 def _umask() -> int:
@@ -107,7 +107,7 @@ def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer_stat
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_file(weights, str(tmp / "trainable.safetensors"))
+        safetensors_torch.save_file(weights, str(tmp / "trainable.safetensors"))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -131,7 +131,7 @@ def load_checkpoint(path: Path, model) -> tuple[dict, dict, dict]:
     if found is None:
         raise ModelError(f"{path}: no checkpoint to resume from")
     try:
-        weights = load_file(str(found / "trainable.safetensors"), device=str(next(model.parameters()).device))
+        weights = safetensors_torch.load_file(str(found / "trainable.safetensors"), device=str(next(model.parameters()).device))
         trainer = torch.load(found / "trainer_state.pt", weights_only=True, map_location="cpu")
         state = json.loads((found / "state.json").read_text())
     except Exception as e:  # noqa: BLE001 - any corruption becomes one clear message

@@ -164,6 +164,20 @@ class RunConfig(Strict):
                                  f"this stage's weights; only the last stage can keep none")
         return self
 
+    def stage_key(self, i: int) -> str:
+        """Identifies what stage `i` produces: the model, the seed and stages 0..i (not where the run
+        writes, nor what a stage keeps on disk afterwards). Two runs with the same key train the same
+        stage from the same start, so one can reuse the other's (postlab.run.reuse_stage)."""
+        import hashlib
+        import json
+
+        from . import __version__
+
+        kept = {"save_model", "keep_weights"}
+        parts = {"model": self.model.model_dump(mode="json"), "seed": self.seed, "postlab": __version__,
+                 "stages": [s.model_dump(mode="json", exclude=kept) for s in self.stages[:i + 1]]}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
     @field_validator("stages")
     @classmethod
     def _unique_names(cls, stages: list[StageConfig]) -> list[StageConfig]:

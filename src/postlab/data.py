@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-import torch
+from .lazy import torch
 
 from .errors import DataError
 

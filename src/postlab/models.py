@@ -10,7 +10,6 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from .cache import postlab_home
 from .checkpoint import honour_umask
 from .decoder import use_postlab_attention
 from .errors import ModelError
+from .hardware import cpu_flags, cpu_has_fast_bf16  # noqa: F401 (cpu_flags: re-exported)
 from .hub import EMBEDDED, is_hub_id  # noqa: F401 (EMBEDDED: re-exported)
 
 log = logging.getLogger("postlab")
@@ -103,22 +103,6 @@ def resolve_model_path(name: str) -> str:
     if not is_hub_id(name, bare_names=True):
         raise ModelError(f"{name}: model directory not found")
     return name  # a Hugging Face hub id
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    return frozenset(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has native bf16 matmuls (AVX-512 BF16 or AMX); elsewhere bf16 is emulated
-    and several times slower than fp32."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_device(device: str) -> torch.device:

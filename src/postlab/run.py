@@ -30,7 +30,8 @@ from .data import tokenize
 from .errors import ConfigError, DataError, PostlabError
 from .merge import extrapolate_in_place
 from .logprobs import cached_token_logps
-from .models import LM, cpu_flags, load_lm
+from .hardware import cpu_name  # noqa: F401 (re-exported)
+from .models import LM, load_lm
 from .objectives import get_objective, parse_args
 from .occupancy import training_on_cpu
 from .validate import output_location
@@ -54,18 +55,6 @@ def versions() -> dict[str, str]:
         commit = ""
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "postlab_commit": commit or "unknown"}
-
-
-def cpu_name() -> str:
-    """The CPU's model name and its bf16 support (what decides speed and `precision: auto` here)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.processor() or "unknown")
-    native = [label for flag, label in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in cpu_flags()]
-    return f"{name} ({', '.join(native) if native else 'no native bf16'})"
 
 
 def stage_dir(out: Path, i: int, stage: StageConfig) -> Path:
@@ -274,7 +263,7 @@ def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
             continue
         last = i == len(cfg.stages) - 1
         # one process trains a stage that runs side by side share (study --workers); the others reuse it
-        with (lock(f"stage-{stage_prefix_key(cfg, i)}") if dist.world_size() == 1 else contextlib.nullcontext()):
+        with (lock(f"stage-{cfg.stage_key(i)}") if dist.world_size() == 1 else contextlib.nullcontext()):
             reused = reuse_stage(cfg, i, sdir, metrics, needs_model=not last) if dist.world_size() == 1 else None
             if reused is not None:
                 stages.append(reused)
@@ -298,21 +287,6 @@ def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
     return result
 
 
-def stage_prefix_key(cfg: RunConfig, i: int) -> str:
-    """Identifies what stage `i` of `cfg` produces: the model, the seed and stages 0..i (not where the
-    run writes). Two runs with the same key train the same stage from the same start."""
-    import hashlib
-    import json
-
-    from . import __version__
-
-    # What a stage keeps on disk afterwards does not change what it trains.
-    kept = {"save_model", "keep_weights"}
-    parts = {"model": cfg.model.model_dump(mode="json"), "seed": cfg.seed, "postlab": __version__,
-             "stages": [s.model_dump(mode="json", exclude=kept) for s in cfg.stages[:i + 1]]}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
 def _stage_registry(key: str) -> Path:
     return location("stages") / f"{key}.json"
 
@@ -320,7 +294,7 @@ def _stage_registry(key: str) -> Path:
 def register_stage(cfg: RunConfig, i: int, sdir: Path) -> None:
     """Record that `sdir` holds a completed stage `i` of `cfg`, for `reuse_stage` in later runs."""
     if cfg.reuse_stages and dist.is_main():
-        atomic_write_json(_stage_registry(stage_prefix_key(cfg, i)), {"stage_dir": str(sdir.resolve())})
+        atomic_write_json(_stage_registry(cfg.stage_key(i)), {"stage_dir": str(sdir.resolve())})
 
 
 def reuse_stage(cfg: RunConfig, i: int, sdir: Path, metrics: MetricsLog, needs_model: bool) -> dict | None:
@@ -332,7 +306,7 @@ def reuse_stage(cfg: RunConfig, i: int, sdir: Path, metrics: MetricsLog, needs_m
 
     if not cfg.reuse_stages:
         return None
-    entry = _stage_registry(stage_prefix_key(cfg, i))
+    entry = _stage_registry(cfg.stage_key(i))
     if not entry.is_file():
         return None
     try:

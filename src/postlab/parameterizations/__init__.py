@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
+from ..lazy import torch
 from pydantic import BaseModel, ValidationError
 
 from .base import REGISTRY, Parameterization, get_parameterization, register  # noqa: F401

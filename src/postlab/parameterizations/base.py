@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
+from ..lazy import torch
 from pydantic import BaseModel
 
 from ..errors import ConfigError

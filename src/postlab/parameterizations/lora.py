@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
+from ..lazy import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError

@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..data import Example, Pair
 from ..errors import ConfigError, DataError
 from ..metrics import PER_EXAMPLE, MetricSpec, write_per_example  # noqa: F401 (PER_EXAMPLE: re-exported)
-from ..models import LM
+
+if TYPE_CHECKING:
+    from ..models import LM
 
 
 

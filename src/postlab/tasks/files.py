@@ -18,6 +18,8 @@ included), `perplexity` = exp(loss). Lower is better. Without task.dev it return
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import csv
 import io
 import json
@@ -28,10 +30,14 @@ from pathlib import Path
 from ..data import Example, Pair
 from ..errors import ConfigError, DataError
 from ..hub import is_hub_id
-from ..logprobs import completion_nll_per_example
+from ..lazy import lazy
 from ..metrics import MetricSpec
-from ..models import LM
 from .base import Task, read_text, register_task, require_file
+
+if TYPE_CHECKING:
+    from ..models import LM
+
+logprobs = lazy("postlab.logprobs")
 
 SFT_COLUMNS = ("prompt", "completion")
 PREF_COLUMNS = ("prompt", "chosen", "rejected")
@@ -257,7 +263,7 @@ class FileTask(Task):
         examples = self.dev_examples()
         if not examples:
             return {}
-        per_nll = completion_nll_per_example(lm, examples, batch_size, self.cfg.overlength, self.append_eos,
+        per_nll = logprobs.completion_nll_per_example(lm, examples, batch_size, self.cfg.overlength, self.append_eos,
                                              source=self.cfg.dev or f"{self.cfg.train} (validation split)")
         nll, tokens = sum(n for n, _ in per_nll), sum(t for _, t in per_nll)
         loss = nll / tokens
