@@ -26,7 +26,7 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     max_length: int | None = Field(None, gt=0)  # None: the model's context length
     # torch.compile the transformer body for training forwards (dynamic shapes): a torch.compile backend,
-    # e.g. inductor (GPUs; pays off on long stages, README "Speed"), aot_eager (checks the graphs); None: eager
+    # e.g. inductor (GPUs; pays off on long stages, docs/performance.md), aot_eager (checks the graphs); None: eager
     compile: str | None = None
 
 
