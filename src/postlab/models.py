@@ -207,7 +207,7 @@ def own_trainable_weights(model: torch.nn.Module) -> int:
     """Copy each trainable CPU weight that lives in a file mapping (transformers maps safetensors files,
     copy-on-write) into memory of its own; returns how many. Otherwise the first optimizer step, or a
     checkpoint's load, copies them one 4 KB page fault at a time: 1.2 s against 0.18 s for one bulk
-    copy of the 135M model on a 2-core VM (bench/own_weights.py). Frozen weights stay mapped (shared)."""
+    copy of the 135M model on a 2-core VM (bench/own_weights.py, removed since: see docs/performance.md). Frozen weights stay mapped (shared)."""
     ranges = _file_mapped_ranges()
     owned = 0
     with torch.no_grad():
