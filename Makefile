@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DATA ?= ../shared/data
+DATA ?= $(or $(POSTLAB_DATA),../shared/data)
 
 .PHONY: install demo test test-all lint clean
 

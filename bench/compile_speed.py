@@ -2,7 +2,7 @@
 decoder's forward compiled (inductor, dynamic shapes), compile time measured separately.
 
     .venv/bin/python bench/compile_speed.py --n 64 --repeats 3
-    .venv/bin/python bench/compile_speed.py --n 64 --repeats 3 --precision bf16 --out bench/results/compile_speed_bf16.json
+    .venv/bin/python bench/compile_speed.py --n 64 --repeats 3 --precision bf16 --out bench/results/compile_speed_bf16_avx512bf16.json
 
 Each measurement runs in a fresh process. Steady-state seconds per step exclude the first step of the
 compiled run (where compilation happens); its extra time is reported as compile time.

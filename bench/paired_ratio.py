@@ -1,6 +1,6 @@
 """Paired speed ratios of a benchmark's interleaved repeats, with a 95% confidence interval.
 
-    .venv/bin/python bench/paired_ratio.py bench/results/vs_trl_bf16_amx_warm.json bench/results/allocator_huge_pages.json
+    .venv/bin/python bench/paired_ratio.py bench/results/vs_trl_paraphrase_bf16_amx_warm.json bench/results/allocator_huge_pages.json
 
 Each repeat of vs_trl.py (TRL then postlab), of vs_commit.py (the past commit then this one), of
 allocator.py (one process per setting) and of inference_casts.py (one region per forward, then per

@@ -139,7 +139,7 @@ def test_corpus_is_large_and_ids_are_unique():
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_bad_input(case, tiny_llama, tmp_path, own_cache, capsys, caplog):
     good = write_pairs(tmp_path / "good.tsv", 8)
-    subs = {"dir": HERE, "good": good, "model": tiny_llama}
+    subs = {"dir": HERE, "good": good, "model": tiny_llama, "out": tmp_path / "out"}
     keep = None
     if "setup" in case:
         argv, keep = SETUPS[case["setup"]](tmp_path, tiny_llama, good)
@@ -166,3 +166,5 @@ def test_bad_input(case, tiny_llama, tmp_path, own_cache, capsys, caplog):
     assert re.search(case["expect"], said, re.S), f"expected /{case['expect']}/ in:\n{said[-2000:]}"
     if keep:
         assert tree_digest(keep) == before, "a refused command changed the existing run directory"
+    if rc == 2 and "setup" not in case:  # a refused command leaves no output behind
+        assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()

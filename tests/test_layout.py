@@ -84,10 +84,11 @@ def defined_at_top(path: Path) -> set[str]:
 
 
 def test_the_stage_has_one_home():
-    """Its plan, data, preparation, reuse key and training run are defined in postlab.stage and
-    nowhere else; the run (postlab.run) and the loop (postlab.train) import them."""
-    concepts = {"StagePlan", "StageInputs", "stage_items", "stage_inputs", "pairs_with_signal", "stage_prefix_key",
-                "register_stage", "reuse_stage", "run_stage", "stage_dir"}
+    """Its plan, data, preparation, reuse and training run are defined in postlab.stage and nowhere
+    else (its reuse key is RunConfig.stage_key: the planner computes it without torch); the run
+    (postlab.run) imports them."""
+    concepts = {"StagePlan", "StageInputs", "stage_items", "stage_inputs", "pairs_with_signal", "register_stage",
+                "reuse_stage", "run_stage", "stage_dir"}
     assert concepts <= defined_at_top(MODULES["postlab.stage"])
     elsewhere = {name: sorted(concepts & defined_at_top(path)) for name, path in MODULES.items()
                  if name != "postlab.stage"}

@@ -109,7 +109,7 @@ def test_diagnose_rewards_kl_and_plot(three_llamas, tmp_path, capsys):
     f.write_text("".join(json.dumps({"prompt": f"Q{i}:", "chosen": " good answer", "rejected": " bad"}) + "\n"
                          for i in range(3)))
     capsys.readouterr()
-    assert main(["diagnose", str(three_llamas[1]), "--reference", str(three_llamas[0]), "--data", str(f),
+    assert main(["diagnose", str(three_llamas[1]), "--reference", str(three_llamas[0]), "--pairs", str(f),
                  "--out", str(tmp_path / "cli"), "--precision", "fp32"]) == 0
     assert "reward accuracy" in capsys.readouterr().out
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["pairs"] == 3

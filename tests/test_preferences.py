@@ -12,6 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+import postlab.generate as sampler_module
 import postlab.preferences as prefs
 from postlab.cache import weights_hash
 from postlab.config import GenerationConfig, PairsConfig, StageConfig, TaskConfig, parse_run_config
@@ -125,7 +126,7 @@ def test_deterministic_and_cache_reused(sonnets, lm, tmp_path, monkeypatch, capl
     def no_generate(*args, **kwargs):
         raise AssertionError("generate() called although the samples are cached")
 
-    monkeypatch.setattr(prefs, "generate", no_generate)
+    monkeypatch.setattr(sampler_module, "generate", no_generate)  # (preferences samples through it)
     with caplog.at_level(logging.INFO, logger="postlab"):
         c = build_pairs(sonnets, cfg, lm, tmp_path / "a")
     assert c == a
@@ -166,13 +167,13 @@ def test_no_dev_leak_sonnets(sonnet_files, lm, tmp_path, monkeypatch):
     dev = task.dev_examples()
     assert len(dev) == 12
     seen_prompts: list[str] = []
-    real = prefs.generate
+    real = sampler_module.generate
 
     def spy(lm_, prompts, cfg, desc=None):
         seen_prompts.extend(prompts)
         return real(lm_, prompts, cfg, desc=desc)
 
-    monkeypatch.setattr(prefs, "generate", spy)
+    monkeypatch.setattr(sampler_module, "generate", spy)
     pairs = build_pairs(task, pairs_cfg(generation={"max_new_tokens": 3, "batch_size": 32}), lm, tmp_path)
     assert len(pairs) == 131
     dev_texts = [d.prompt for d in dev] + [d.completion for d in dev]

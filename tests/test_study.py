@@ -190,11 +190,11 @@ def test_default_throughput_follows_the_cpu_and_names_where_it_was_measured(monk
     """Without --measure the estimate uses the default for this CPU's bf16 support (flags fixed here,
     whatever the machine), and says which machine measured it; bf16 on a CPU without native bf16 is
     flagged as far slower."""
-    from postlab import models
+    from postlab import hardware
     from postlab.config import ModelConfig
     from postlab.study.estimate import default_throughput
 
-    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     t = default_throughput(ModelConfig(name="m", device="cpu", precision="auto"))
     assert t.tokens_per_s == rate and where in t.source and f"in {precision}" in t.source
     assert "no native bf16" not in t.source

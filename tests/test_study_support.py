@@ -96,12 +96,10 @@ def test_keep_weights_false_is_refused_where_weights_are_read(tmp_path, stage, m
 
 
 def test_what_a_stage_keeps_does_not_change_its_reuse_key(tmp_path):
-    from postlab.stage import stage_prefix_key
-
     a = run_config(Path("m"), tmp_path / "a", tmp_path / "p.tsv", save_model=True)
     b = run_config(Path("m"), tmp_path / "b", tmp_path / "p.tsv", save_model=False, keep_weights=False)
     c = run_config(Path("m"), tmp_path / "c", tmp_path / "p.tsv", save_model=False, epochs=3)
-    keys = [stage_prefix_key(parse_run_config(x), 0) for x in (a, b, c)]
+    keys = [parse_run_config(x).stage_key(0) for x in (a, b, c)]
     assert keys[0] == keys[1] != keys[2]
 
 
@@ -193,3 +191,39 @@ def test_the_report_draws_dev_curves_across_stages_on_the_subset(tmp_path, tiny_
     assert ys[-1] == pytest.approx(end.value("accuracy", np.arange(3)))  # the end, on the same 3 examples
     report = write_report(out)
     assert (report.parent / "dev_curves.png").is_file()
+
+
+def test_saved_models_and_checkpoints_follow_the_umask(tmp_path, tiny_llama):
+    import os
+    import stat
+
+    data = write_pairs(tmp_path / "p.tsv", 16)
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        cfg = run_config(tiny_llama, out, data, epochs=1)
+        cfg["stages"].append({**cfg["stages"][0], "name": "more", "save_model": False})
+        run(parse_run_config(cfg))
+    finally:
+        os.umask(old)
+    checked = [out / "0-sft" / "model", *(out / "0-sft" / "model").iterdir(), out / "1-more" / "checkpoint",
+               *(out / "1-more" / "checkpoint").iterdir(), out / "result.json"]
+    for p in checked:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
+
+
+def test_study_report_names_the_runs_it_left_out_on_the_terminal(tmp_path, tiny_llama, capsys):
+    from postlab.cli import main
+    from postlab.study import load_study, run_study
+
+    study = load_study(tiny_study(tmp_path, tiny_llama, regimes=("sft",), seeds=(0, 1)))
+    out = tmp_path / "study"
+    run_study(study, out, progress=False)
+    cut = sorted((out / "runs").iterdir())[1]
+    (cut / "result.json").write_text((cut / "result.json").read_text()[:40])  # a result cut short
+    capsys.readouterr()
+    assert main(["study", "report", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "Partial report: 1 of 2 planned runs" in said
+    assert f"{cut.name} " in said and "unreadable result.json" in said

@@ -11,12 +11,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save
 
 from . import faults
 from .checkpoint import atomic_write_bytes
+from .lazy import lazy, torch
+
+safetensors_torch = lazy("safetensors.torch")
 from .data import Tokenized
 from .parameterizations import function_state
 
@@ -111,7 +112,7 @@ def save_tensors(path: Path, key: str, tensors: dict[str, list[list[torch.Tensor
     first = next(iter(tensors.values()))
     flat = {name: torch.cat([t for v in values for t in v]).contiguous() for name, values in tensors.items()}
     flat["lengths"] = torch.tensor([len(t) for v in first for t in v], dtype=torch.long)
-    data = save(flat, metadata={"key": key, "items": str(len(first)), "per_item": str(len(first[0])),
+    data = safetensors_torch.save(flat, metadata={"key": key, "items": str(len(first)), "per_item": str(len(first[0])),
                                 "sha256": _content_hash(flat)})
     faults.point("cache-write")
     atomic_write_bytes(path, data)

@@ -10,14 +10,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from . import faults
 from .errors import ModelError, TrainingError
+from .lazy import lazy, torch
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+safetensors_torch = lazy("safetensors.torch")  # (the atomic writers here serve the torch-free front too)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, so read when needed, not once at import)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -29,7 +33,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -53,9 +57,20 @@ def read_json(path: str | Path) -> dict:
         raise ModelError(f"{path}: unreadable ({e}); delete it to start that part again") from None
 
 
+def honour_umask(path: Path) -> None:
+    """Give a directory written under a temporary name (mkdtemp: 0700) and everything in it the
+    permissions the user's umask asks for (files 0666 & ~umask, folders 0777 & ~umask), as files
+    written in place would have: on a shared machine others can then read saved models."""
+    mask = _umask()
+    for p in [path, *Path(path).rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a fully written directory into place. A crash in between leaves `final.old`, which
-    `existing_dir` picks up."""
+    """Swap a fully written directory into place (with the umask's permissions). A crash in between
+    leaves `final.old`, which `existing_dir` picks up."""
+    honour_umask(tmp)
     old = final.with_name(final.name + ".old")
     if final.exists():
         if old.exists():
@@ -92,7 +107,7 @@ def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer_stat
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_file(weights, str(tmp / "trainable.safetensors"))
+        safetensors_torch.save_file(weights, str(tmp / "trainable.safetensors"))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -116,7 +131,7 @@ def load_checkpoint(path: Path, model) -> tuple[dict, dict, dict]:
     if found is None:
         raise ModelError(f"{path}: no checkpoint to resume from")
     try:
-        weights = load_file(str(found / "trainable.safetensors"), device=str(next(model.parameters()).device))
+        weights = safetensors_torch.load_file(str(found / "trainable.safetensors"), device=str(next(model.parameters()).device))
         trainer = torch.load(found / "trainer_state.pt", weights_only=True, map_location="cpu")
         state = json.loads((found / "state.json").read_text())
     except Exception as e:  # noqa: BLE001 - any corruption becomes one clear message

@@ -29,7 +29,7 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     max_length: int | None = Field(None, gt=0)  # None: the model's context length
     # torch.compile the transformer body for training forwards (dynamic shapes): a torch.compile backend,
-    # e.g. inductor (GPUs; pays off on long stages, README "Speed"), aot_eager (checks the graphs); None: eager
+    # e.g. inductor (GPUs; pays off on long stages, docs/performance.md), aot_eager (checks the graphs); None: eager
     compile: str | None = None
 
 
@@ -182,6 +182,20 @@ class RunConfig(Strict):
                                  f"this stage's weights; only the last stage can keep none")
         return self
 
+    def stage_key(self, i: int) -> str:
+        """Identifies what stage `i` produces: the model, the seed and stages 0..i (not where the run
+        writes, nor what a stage keeps on disk afterwards). Two runs with the same key train the same
+        stage from the same start, so one can reuse the other's (postlab.run.reuse_stage)."""
+        import hashlib
+        import json
+
+        from . import __version__
+
+        kept = {"save_model", "keep_weights"}
+        parts = {"model": self.model.model_dump(mode="json"), "seed": self.seed, "postlab": __version__,
+                 "stages": [s.model_dump(mode="json", exclude=kept) for s in self.stages[:i + 1]]}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
     @field_validator("stages")
     @classmethod
     def _unique_names(cls, stages: list[StageConfig]) -> list[StageConfig]:
@@ -253,14 +267,28 @@ def parse_run_config(tree: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig(**tree)
     except ValidationError as e:
-        raise ConfigError(f"{source}: " + format_validation_error(e)) from None
+        raise ConfigError(f"{source}: " + format_validation_error(e, model=RunConfig)) from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    tree = apply_overrides(read_yaml(path), list(overrides or []))
-    return parse_run_config(tree, source=str(path))
+    """The validated config of a YAML file with `key=value` overrides; an error the overrides cause
+    names the first override at fault, not the file."""
+    import copy
+
+    tree = read_yaml(path)
+    overrides = list(overrides or [])
+    if not overrides:
+        return parse_run_config(tree, source=str(path))
+    parse_run_config(copy.deepcopy(tree), source=str(path))  # the file's own errors first
+    for item in overrides:
+        try:
+            tree = apply_overrides(tree, [item])
+        except ConfigError as e:
+            raise ConfigError(str(e) if str(e).startswith("override") else f"override {item}: {e}") from None
+        cfg = parse_run_config(copy.deepcopy(tree), source=f"override {item}")
+    return cfg
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-import torch
-
 from .errors import DataError
+from .lazy import torch
 
 # The LM head runs over at most this many scored rows at a time (logprobs.py): the logits of one chunk
 # ([rows, vocab]) are the largest activation a long completion makes.

@@ -15,7 +15,7 @@ import contextlib
 import functools
 import os
 
-import torch
+from .lazy import torch
 
 
 def launched() -> bool:

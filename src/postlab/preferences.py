@@ -31,14 +31,18 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .checkpoint import atomic_write_json
 from .config import PairsConfig
 from .data import Pair
 from .errors import ConfigError, DataError
-from .generate import generate
-from .models import LM
+from .lazy import lazy
+
+if TYPE_CHECKING:
+    from .models import LM
+
+sampling = lazy("postlab.generate")
 
 log = logging.getLogger("postlab")
 
@@ -121,7 +125,7 @@ def _sample_completions(sampler: LM, prompts: list[str], cfg: PairsConfig, path:
     per_draw = []
     for j in range(m):
         gen = cfg.generation.model_copy(update={"seed": draw_seed(cfg.generation.seed, j)})
-        per_draw.append(generate(sampler, prompts, gen, desc=f"sampling rejected answers ({j + 1}/{m})"))
+        per_draw.append(sampling.generate(sampler, prompts, gen, desc=f"sampling rejected answers ({j + 1}/{m})"))
     samples = [[per_draw[j][i] for j in range(m)] for i in range(len(prompts))]
     atomic_write_json(path, {"key": key, "version": CACHE_VERSION, "sampler": {**ident, "source": sampler.source},
                              "settings": {"strategy": cfg.strategy, "k": cfg.k, "n": cfg.n,

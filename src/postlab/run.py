@@ -14,6 +14,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -21,14 +22,15 @@ import yaml
 from . import distributed as dist
 from .allocator import release_freed_memory
 from .cache import lock
-from .checkpoint import atomic_write_json, atomic_write_text, read_json, remove_dir
+from .checkpoint import atomic_write_json, atomic_write_text, existing_dir, read_json, remove_dir
 from .config import RunConfig, dump_config, parse_run_config
-from .errors import ConfigError
-from .models import cpu_flags, load_lm
+from .errors import ConfigError, PostlabError
+from .hardware import cpu_name  # noqa: F401 (re-exported)
+from .models import load_lm
 from .occupancy import training_on_cpu
 from .runlog import MetricsLog
-from .stage import register_stage, reuse_stage, run_stage, stage_dir, stage_prefix_key
-from .tasks import get_task
+from .stage import register_stage, reuse_stage, run_stage, stage_dir
+from .tasks import get_task, records_fingerprint, training_task
 from .validate import output_location
 
 log = logging.getLogger("postlab")
@@ -47,16 +49,57 @@ def versions() -> dict[str, str]:
             "peft": peft.__version__, "postlab_commit": commit or "unknown"}
 
 
-def cpu_name() -> str:
-    """The CPU's model name and its bf16 support (what decides speed and `precision: auto` here)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.processor() or "unknown")
-    native = [label for flag, label in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in cpu_flags()]
-    return f"{name} ({', '.join(native) if native else 'no native bf16'})"
+def check_inputs(runs: list[tuple[str, RunConfig]]) -> None:
+    """Every input the runs name, checked before anything is written or loaded: each distinct local
+    data set read (train, dev and the files tasks add), each model named (base, teachers, samplers)
+    found. Raises ConfigError listing the problems and the runs they affect."""
+    from .hub import is_hub_id
+    from .validate import check_model
+
+    users, models = _named_inputs(runs)
+    problems = []
+
+    def affected(rids: list[str]) -> str:
+        rids = list(dict.fromkeys(rids))
+        return "" if rids == [""] else f" (run {rids[0]}" + (f" and {len(rids) - 1} more)" if len(rids) > 1 else ")")
+
+    for (name, field), rids in models.items():
+        try:
+            check_model(name, field)
+        except ConfigError as e:
+            problems.append(f"{e}{affected(rids)}")
+    for task_cfg, rids in users.values():
+        sources = [getattr(task_cfg, k) for k in ("train", "dev", "dev_reference") if getattr(task_cfg, k)]
+        if any(is_hub_id(x) for x in sources):
+            continue  # a hub dataset id: not downloaded just to check it
+        try:
+            task = get_task(task_cfg)
+            training_task(task_cfg).train_examples()
+            task.dev_examples()
+            records_fingerprint(task_cfg)
+        except PostlabError as e:
+            problems.append(f"task {task_cfg.name}{affected(rids)}: {e}")
+    if len(problems) == 1 and len(runs) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError("problems found before training:\n  " + "\n  ".join(problems))
+
+
+def _named_inputs(runs: list[tuple[str, RunConfig]]) -> tuple[dict, dict]:
+    """(distinct task data -> (its task config, the runs reading it), (model, the key naming it) -> the
+    runs naming it): base models, teachers and checkpoints that rejected answers are sampled from."""
+    users: dict[str, tuple[Any, list[str]]] = {}
+    models: dict[tuple[str, str], list[str]] = {}
+    for rid, cfg in runs:
+        models.setdefault((cfg.model.name, "model.name"), []).append(rid)
+        for i, s in enumerate(cfg.stages):
+            key = s.task.model_dump_json(exclude={"generation", "pairs", "overlength"})
+            users.setdefault(key, (s.task, []))[1].append(rid)
+            if s.teacher:
+                models.setdefault((s.teacher, f"stages.{i}.teacher"), []).append(rid)
+            if s.task.pairs.rejected_from not in ("stage-start", "base"):
+                models.setdefault((s.task.pairs.rejected_from, f"stages.{i}.task.pairs.rejected_from"), []).append(rid)
+    return users, models
 
 
 def check_resume(out: Path, cfg: RunConfig, resume: bool) -> None:
@@ -84,15 +127,30 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         return read_json(out / "result.json")
     for s in cfg.stages:  # fail on a bad task before any model loads (objectives were parsed with the config)
         get_task(s.task)
+    if not (out / "config.yaml").is_file():
+        check_inputs([("", cfg)])  # (a study checked its runs' inputs already; resuming runs were checked)
+    created = not out.exists()
     from .tracking import Trackers
 
     trackers = Trackers(cfg.tracking, out, out.name) if cfg.tracking and dist.is_main() else None
     try:
         return _run(cfg, out, MetricsLog(out / "metrics.jsonl", trackers))
+    except PostlabError:
+        if created and dist.is_main() and not _anything_trained(out):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)  # a refused run leaves nothing that --resume would trip on
+        raise
     finally:
         if trackers is not None:
             trackers.close()
         release_freed_memory()  # the next run in this process starts from an unfragmented heap
+
+
+def _anything_trained(out: Path) -> bool:
+    """Does the run folder hold work worth keeping: a checkpoint or a finished stage?"""
+    return any(d.is_dir() and ((d / "done.json").is_file() or existing_dir(d / "checkpoint") is not None)
+               for d in out.iterdir()) if out.is_dir() else False
 
 
 def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
@@ -116,7 +174,7 @@ def _run(cfg: RunConfig, out: Path, metrics: MetricsLog) -> dict:
             continue
         last = i == len(cfg.stages) - 1
         # one process trains a stage that runs side by side share (study --workers); the others reuse it
-        with (lock(f"stage-{stage_prefix_key(cfg, i)}") if dist.world_size() == 1 else contextlib.nullcontext()):
+        with (lock(f"stage-{cfg.stage_key(i)}") if dist.world_size() == 1 else contextlib.nullcontext()):
             reused = reuse_stage(cfg, i, sdir, metrics, needs_model=not last) if dist.world_size() == 1 else None
             if reused is not None:
                 stages.append(reused)

@@ -7,8 +7,9 @@
 * its plan: what the loop trains with (:class:`StagePlan`, :class:`StageInputs`); the objective's
   options were parsed once, when the config was validated (``ObjectiveConfig.typed_args``), and the
   plan carries them to the loss;
-* its reuse key: what it produces, so that an identical stage of another run is copied instead of
-  trained again (:func:`stage_prefix_key`, :func:`register_stage`, :func:`reuse_stage`);
+* its reuse: an identical stage of another run (same key, ``RunConfig.stage_key``: the model, the
+  seed and the stages so far, computed without torch for the planner) is copied instead of trained
+  again (:func:`register_stage`, :func:`reuse_stage`);
 * :func:`run_stage`: prepare, train, evaluate, write the model and ``done.json``.
 """
 from __future__ import annotations
@@ -202,21 +203,6 @@ def stage_inputs(lm: LM, m: ModelConfig, stage: StageConfig, items: list[Tokeniz
 # Reuse: an identical stage of an earlier run is copied, not trained again
 # --------------------------------------------------------------------------------------------
 
-def stage_prefix_key(cfg: RunConfig, i: int) -> str:
-    """Identifies what stage `i` of `cfg` produces: the model, the seed and stages 0..i (not where the
-    run writes). Two runs with the same key train the same stage from the same start."""
-    import hashlib
-    import json
-
-    from . import __version__
-
-    # What a stage keeps on disk afterwards does not change what it trains.
-    kept = {"save_model", "keep_weights"}
-    parts = {"model": cfg.model.model_dump(mode="json"), "seed": cfg.seed, "postlab": __version__,
-             "stages": [s.model_dump(mode="json", exclude=kept) for s in cfg.stages[:i + 1]]}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
 def _stage_registry(key: str) -> Path:
     return location("stages") / f"{key}.json"
 
@@ -224,7 +210,7 @@ def _stage_registry(key: str) -> Path:
 def register_stage(cfg: RunConfig, i: int, sdir: Path) -> None:
     """Record that `sdir` holds a completed stage `i` of `cfg`, for `reuse_stage` in later runs."""
     if cfg.reuse_stages and dist.is_main():
-        atomic_write_json(_stage_registry(stage_prefix_key(cfg, i)), {"stage_dir": str(sdir.resolve())})
+        atomic_write_json(_stage_registry(cfg.stage_key(i)), {"stage_dir": str(sdir.resolve())})
 
 
 def reuse_stage(cfg: RunConfig, i: int, sdir: Path, metrics: MetricsLog, needs_model: bool) -> dict | None:
@@ -236,7 +222,7 @@ def reuse_stage(cfg: RunConfig, i: int, sdir: Path, metrics: MetricsLog, needs_m
 
     if not cfg.reuse_stages:
         return None
-    entry = _stage_registry(stage_prefix_key(cfg, i))
+    entry = _stage_registry(cfg.stage_key(i))
     if not entry.is_file():
         return None
     try:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__, faults
 from . import distributed as dist
@@ -26,6 +25,7 @@ from .fsdp import strategy as parallel_strategy
 from .logprobs import score
 from .models import LM, own_trainable_weights
 from .objectives import ObjectiveSpec, PairLogps, TokenLogps
+from .progress import bar as progress_bar
 from .runlog import MetricsLog
 
 if TYPE_CHECKING:
@@ -144,8 +144,8 @@ def train_stage(lm: LM, plan: StagePlan, metrics: MetricsLog,
     if at.step == 0 and (cfg.eval_at_start or total == 0):  # max_steps: 0 evaluates only
         _evaluate(loop, 0.0, final=total == 0)
     model.train()
-    bar = tqdm(total=total, initial=at.step, desc=f"{cfg.name} ({plan.spec.name})", unit="step", dynamic_ncols=True,
-               disable=not dist.is_main())
+    bar = progress_bar(total=total, initial=at.step, desc=f"{cfg.name} ({plan.spec.name})", unit="step",
+                       dynamic_ncols=True, main_process=dist.is_main())
     pending = _Pending(plan, at, metrics, bar)
     with compiled_body(model, plan.compile), dropout_off(model, _dropout_disabled(plan)):
         _train_epochs(loop, pending)

@@ -19,8 +19,27 @@ from pydantic import Field, TypeAdapter, ValidationError
 from .errors import ConfigError
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help names each option's default where it has a value (not for flags that are off, or unset options)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with errors raised (and reported by main like every other bad input), not exit()."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("help") is None and kwargs.get("default") not in (None, False) and args[0].startswith("-"):
+            kwargs["help"] = "(default: %(default)s)"  # an option without help text still shows its default
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str):
         raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -71,3 +90,47 @@ def location(text: str) -> Path:
         return output_location(text, "output directory")
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_model(name: str, what: str) -> None:
+    """A model a command line names: an embedded name, a hub id, or a directory holding a checkpoint
+    (config.json) or an adapter (adapter_config.json); anything else is refused before a model loads."""
+    from .hub import EMBEDDED, is_hub_id
+
+    if name in EMBEDDED:
+        return
+    p = Path(name).expanduser()
+    if not p.exists():
+        if is_hub_id(name, bare_names=True):
+            return
+        raise ConfigError(f"{what} {name}: no such model directory (give a checkpoint directory, an adapter "
+                          f"directory, {' or '.join(EMBEDDED)}, or a hub id)")
+    if not p.is_dir():
+        raise ConfigError(f"{what} {name}: is a file; give the checkpoint's directory (config.json and weights)")
+    if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+        raise ConfigError(f"{what} {name}: holds no config.json or adapter_config.json, so it is no Hugging Face "
+                          f"checkpoint or PEFT adapter (a run's stage writes one to <stage>/model)")
+
+
+def readable_file(path: str, what: str) -> Path:
+    """A file a command line names, checked: it exists, is a file, can be read and is UTF-8 text."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{what} {path}: no such file")
+    if not p.is_file():
+        raise ConfigError(f"{what} {path}: is a directory, not a file")
+    try:
+        p.read_bytes().decode("utf-8")
+    except PermissionError:
+        raise ConfigError(f"{what} {path}: not readable by this user") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
+    return p
+
+
+def prompt_blocks(path: str, what: str) -> list[str]:
+    """The prompts of a prompt file: blocks separated by blank lines; a file without any is refused."""
+    blocks = [b for b in readable_file(path, what).read_text(encoding="utf-8").split("\n\n") if b.strip()]
+    if not blocks:
+        raise ConfigError(f"{what} {path}: holds no prompt (prompts are blocks of text separated by blank lines)")
+    return blocks

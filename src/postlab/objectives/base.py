@@ -14,12 +14,14 @@ Two shapes of input:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -71,7 +73,7 @@ class ObjectiveArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[..., tuple["torch.Tensor", dict[str, "torch.Tensor"]]]
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from ..lazy import F, torch
 from .base import ObjectiveArgs, PairLogps, TokenLogps, register
 from .divergence import bucket_kl, generalized_jsd, masked_mean, with_tail
 from .preference import DPOArgs, _rewards, dpo
 
-Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
+Out = tuple["torch.Tensor", dict[str, "torch.Tensor"]]
 
 
 class KDArgs(ObjectiveArgs):

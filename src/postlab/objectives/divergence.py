@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from ..lazy import torch
 
 
 def with_tail(logp: torch.Tensor) -> torch.Tensor:

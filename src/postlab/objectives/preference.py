@@ -9,14 +9,13 @@ tests/test_preference_objectives.py, which compares losses and gradients with TR
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from ..lazy import F, torch
 from .base import ObjectiveArgs, PairLogps, implicit_reward, register
 from .sft import nll
 
-Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
+Out = tuple["torch.Tensor", dict[str, "torch.Tensor"]]
 
 
 class DPOArgs(ObjectiveArgs):

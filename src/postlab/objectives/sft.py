@@ -9,13 +9,13 @@ All are token-level means over the batch's completion tokens, like ``nll``:
 """
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
+from ..lazy import torch
 from .base import ObjectiveArgs, TokenLogps, implicit_reward, register
 from .divergence import bucket_kl, masked_mean, with_tail
 
-Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
+Out = tuple["torch.Tensor", dict[str, "torch.Tensor"]]
 
 
 @register("nll", kind="sft")

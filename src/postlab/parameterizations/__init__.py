@@ -17,9 +17,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ValidationError
 
+from ..lazy import torch
 from .base import REGISTRY, Parameterization, get_parameterization, register  # noqa: F401
 
 log = logging.getLogger("postlab")

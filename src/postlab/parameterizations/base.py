@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from pydantic import BaseModel
 
 from ..errors import ConfigError
+from ..lazy import torch
 
 
 class Parameterization:

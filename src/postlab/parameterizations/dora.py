@@ -3,8 +3,7 @@ the direction of W + B·A (`parameterization: {method: dora, dora: {r, alpha, dr
 target_modules}}`, the same options as LoRA)."""
 from __future__ import annotations
 
-import torch
-
+from ..lazy import torch
 from .base import register
 from .lora import LoRA
 

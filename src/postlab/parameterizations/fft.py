@@ -1,8 +1,7 @@
 """Full fine-tuning: every weight trains."""
 from __future__ import annotations
 
-import torch
-
+from ..lazy import torch
 from .base import Parameterization, register
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
+from ..lazy import torch
 from .base import Parameterization, register
 
 

@@ -333,4 +333,8 @@ def summary_text(report: Path) -> str:
     partial = [x for x in lines if x.startswith("**Partial report")]
     finding = partial + [x for x in section("Finding") if x.strip()]
     tables = [x for x in section("Results") if x.startswith(("|", "###", "Always"))]
-    return "\n".join(["Finding:"] + [f"  {x}" for x in finding] + ["", "Results (mean ± std over seeds):"] + tables)
+    left_out = [x for x in section("Incomplete runs") if x.strip()]
+    left_out = [] if not left_out or left_out[0].startswith("None") else ["", "Left out (no usable result):"] + [
+        f"  {x}" for x in left_out if x.startswith("|") and not x.startswith(("| run", "|---"))]
+    return "\n".join(["Finding:"] + [f"  {x}" for x in finding] + ["", "Results (mean ± std over seeds):"] + tables
+                     + left_out)

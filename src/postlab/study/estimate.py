@@ -91,15 +91,19 @@ class _Tokens:
         self.methods: set[str] = set()
 
     def tokenizer(self, model: str):
+        """The model's fast tokenizer (tokenizer.json, read by the `tokenizers` library: no torch), where
+        it is on disk: a local model directory, or the embedded model once unpacked; else None."""
         if model not in self._tok:
             self._tok[model] = None
-            try:
-                from ..models import EMBEDDED, embedded_tokenizer_dir, load_tokenizer
+            from ..cache import postlab_home
 
-                if model in EMBEDDED:
-                    self._tok[model] = load_tokenizer(str(embedded_tokenizer_dir(model)))
-                elif Path(model).expanduser().is_dir():
-                    self._tok[model] = load_tokenizer(str(Path(model).expanduser()))
+            dirs = [Path(model).expanduser(), postlab_home() / "models" / model, postlab_home() / "tokenizers" / model]
+            found = next((d / "tokenizer.json" for d in dirs if (d / "tokenizer.json").is_file()), None)
+            try:
+                if found is not None:
+                    from tokenizers import Tokenizer
+
+                    self._tok[model] = Tokenizer.from_file(str(found))
             except Exception as e:  # noqa: BLE001 - an estimate falls back, never fails
                 log.debug("no tokenizer for %s (%s); estimating tokens as characters / 4", model, e)
         return self._tok[model]
@@ -112,8 +116,8 @@ class _Tokens:
         tok = self.tokenizer(model)
         if tok is not None:
             self.methods.add("tokenizer")
-            p = [len(tok(ex.prompt, add_special_tokens=False).input_ids) for ex in sample]
-            c = [len(tok(ex.completion, add_special_tokens=False).input_ids) for ex in sample]
+            p = [len(tok.encode(ex.prompt, add_special_tokens=False).ids) for ex in sample]
+            c = [len(tok.encode(ex.completion, add_special_tokens=False).ids) for ex in sample]
         else:
             self.methods.add("chars/4")
             p = [max(1, round(len(ex.prompt) / 4)) for ex in sample]
@@ -124,9 +128,9 @@ class _Tokens:
 
 def _device_type(m: ModelConfig) -> str:
     if m.device == "auto":
-        import torch
+        from ..hardware import cuda_present
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if cuda_present() else "cpu"
     return "cuda" if m.device.startswith("cuda") else "cpu"
 
 
@@ -136,11 +140,9 @@ def default_throughput(m: ModelConfig) -> Throughput:
         return Throughput(DEFAULT_TOKENS_PER_S["cuda"], DEFAULT_DECODE_STEP_S["cuda"],
                           f"default for ~135M-parameter models on cuda: {DEFAULT_TOKENS_PER_S['cuda']:.0f} "
                           f"tokens/s (rough)")
-    import torch
+    from ..hardware import cpu_flags, cpu_has_fast_bf16
 
-    from ..models import cpu_flags, cpu_has_fast_bf16, resolve_precision
-
-    prec = resolve_precision(m.precision, torch.device("cpu"))
+    prec = m.precision if m.precision != "auto" else ("bf16" if cpu_has_fast_bf16() else "fp32")
     key = ("cpu-bf16-amx" if "amx_bf16" in cpu_flags() else "cpu-bf16") if prec == "bf16" else "cpu-fp32"
     caveat = "; this CPU has no native bf16, so bf16 runs far slower (measure with --measure)" \
         if prec == "bf16" and not cpu_has_fast_bf16() else ""
@@ -209,8 +211,6 @@ def measure_throughput(m: ModelConfig, seq_len: int = 128, batch_size: int = 8, 
 
 def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEstimate], dict]:
     """Per-run estimates and notes on how they were made (see the module doc)."""
-    from ..stage import stage_prefix_key
-
     est = _Estimator(measure)
     out = []
     trained: set[str] = set()  # stages that an earlier run trains (a later identical one is reused)
@@ -218,7 +218,7 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
         stages = []
         for i, s in enumerate(r.config.stages):
             if r.config.reuse_stages:
-                key = stage_prefix_key(r.config, i)
+                key = r.config.stage_key(i)
                 if key in trained:
                     stages.append(StageEstimate(s.name, None, s.epochs, 0.0, 0.0, reused=True))
                     continue

@@ -35,9 +35,9 @@ def model_config(name: str) -> dict | None:
             return json.loads((d / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-    from ..hub import is_hub_id
+    from ..hub import EMBEDDED
 
-    return dict(EMBEDDED_CONFIG) if name == "smollm2-135m" and not is_hub_id(name) else None
+    return dict(EMBEDDED_CONFIG) if name in EMBEDDED else None
 
 
 def _linear_shapes(cfg: dict) -> dict[str, tuple[int, int]] | None:

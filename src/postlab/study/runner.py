@@ -10,12 +10,10 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..checkpoint import atomic_write_json, atomic_write_text
 from ..config import RunConfig
-from ..errors import ConfigError, PostlabError
-from ..hub import is_hub_id
+from ..errors import ConfigError
 from ..validate import output_location
 from .estimate import RunEstimate, human_n, human_s
 from .executors import Job, add_axes, in_process, local_workers, ray_tasks, run_config_of, run_dir
@@ -27,29 +25,10 @@ log = logging.getLogger("postlab")
 
 def check_data(runs: list[PlannedRun]) -> None:
     """Read every distinct local data set the runs train and evaluate on (cheap next to training),
-    so a missing or malformed file stops the study before anything trains, naming the runs."""
-    from ..tasks import get_task
+    and check every model they name, so a bad input stops the study before anything trains, naming the runs."""
+    from ..run import check_inputs
 
-    users: dict[str, tuple[Any, list[str]]] = {}
-    for r in runs:
-        for s in r.config.stages:
-            key = s.task.model_dump_json(exclude={"generation", "pairs", "overlength"})
-            users.setdefault(key, (s.task, []))[1].append(r.run_id)
-    problems = []
-    for task_cfg, rids in users.values():
-        sources = [getattr(task_cfg, k) for k in ("train", "dev", "dev_reference") if getattr(task_cfg, k)]
-        if any(is_hub_id(x) for x in sources):
-            continue  # a hub dataset id: not downloaded just to check it
-        try:
-            task = get_task(task_cfg)
-            task.train_examples()
-            task.dev_examples()
-        except PostlabError as e:
-            rids = list(dict.fromkeys(rids))
-            more = f" and {len(rids) - 1} more" if len(rids) > 1 else ""
-            problems.append(f"task {task_cfg.name} (run {rids[0]}{more}): {e}")
-    if problems:
-        raise ConfigError("data problems, found before training:\n  " + "\n  ".join(problems))
+    check_inputs([(r.run_id, r.config) for r in runs])
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -153,8 +132,10 @@ def run_study(study: Study, study_dir: str | Path | None = None, shard: tuple[in
     resuming interrupted ones, one after another, on `workers` processes side by side, or as Ray
     tasks (postlab.study.executors). A run that fails is recorded (error.txt) and the study goes on.
     Writes the report at the end unless sharded (or `report` says otherwise)."""
-    from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from ..progress import bar as progress_bar
+    from ..progress import enabled
 
     study_dir = output_location(study_dir if study_dir is not None else study.default_dir(), "study directory")
     runs = plan(study) if runs is None else runs
@@ -182,9 +163,13 @@ def run_study(study: Study, study_dir: str | Path | None = None, shard: tuple[in
             todo.append(r)
     if outcome.skipped:
         log.info("study %s: %d of %d run(s) already complete", study.name, len(outcome.skipped), len(mine))
-    bar = tqdm(total=len(mine), initial=len(outcome.skipped), position=0, desc=f"study {study.name}", unit="run",
-               dynamic_ncols=True, disable=not progress,
-               bar_format="{desc}: {n}/{total} runs |{bar}| {elapsed}{postfix}")
+    if not progress:
+        from ..progress import disable
+
+        disable()  # this process's bars and those of the runs it starts
+    progress = enabled()
+    bar = progress_bar(total=len(mine), initial=len(outcome.skipped), position=0, desc=f"study {study.name}",
+                       unit="run", dynamic_ncols=True, bar_format="{desc}: {n}/{total} runs |{bar}| {elapsed}{postfix}")
     jobs = [Job(str(study_dir), r.run_id, r.tree, r.axes) for r in todo]
     if executor == "ray":
         results = ray_tasks(jobs, gpus_per_run=gpus_per_run)

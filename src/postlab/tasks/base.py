@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..data import Example, Pair
 from ..errors import ConfigError, DataError
 from ..metrics import PER_EXAMPLE, MetricSpec, write_per_example  # noqa: F401 (PER_EXAMPLE: re-exported)
-from ..models import LM
+
+if TYPE_CHECKING:
+    from ..models import LM
 
 
 class Strict(BaseModel):
@@ -108,14 +110,28 @@ class TaskConfig(BaseModel):
 
 
 def data_dir() -> Path:
-    """Where the shared data lives: $POSTLAB_DATA, else ../shared/data next to the checkout."""
-    return Path(os.environ.get("POSTLAB_DATA", "../shared/data"))
+    """Where the tasks' default data lives: $POSTLAB_DATA, else ../shared/data beside the checkout that
+    postlab runs from (wherever the command is started), else beside the current directory."""
+    if os.environ.get("POSTLAB_DATA"):
+        return Path(os.environ["POSTLAB_DATA"]).expanduser()
+    checkout = Path(__file__).resolve().parents[3]  # <checkout>/src/postlab/tasks/base.py
+    if (checkout / "pyproject.toml").is_file():
+        return checkout.parent / "shared" / "data"
+    return Path("..") / "shared" / "data"
+
+
+def default_data(*parts: str) -> str:
+    """A file of the tasks' default data (under `data_dir()`)."""
+    return str(data_dir().joinpath(*parts))
 
 
 def require_file(path: str | Path, what: str) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: {what} not found (paths are relative to the current directory)")
+        where = (f"the tasks' default data is read from {data_dir()}: set POSTLAB_DATA (or pass --data) to the "
+                 f"folder that holds quora/ and sonnets/" if str(p).startswith(str(data_dir()))
+                 else "paths are relative to the current directory")
+        raise DataError(f"{p}: {what} not found ({where})")
     if p.stat().st_size == 0:
         raise DataError(f"{p}: {what} is empty")
     return p

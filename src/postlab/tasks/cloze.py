@@ -22,16 +22,21 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import Choices, Example, Pair, tokenize
 from ..errors import ConfigError, DataError
-from ..logprobs import score_all
+from ..lazy import lazy
 from ..metrics import MetricSpec, class_stats
-from ..models import LM
 from .base import Task, register_task
 from .files import read_records
+
+if TYPE_CHECKING:
+    from ..models import LM
+
+logprobs = lazy("postlab.logprobs")
 
 
 class ClozeOptions(BaseModel):
@@ -75,7 +80,7 @@ def classify(lm: LM, prompts: list[Choices], batch_size: int, desc: str | None =
     items, _ = tokenize(prompts, lm.tokenizer, lm.max_length, "truncate", append_eos=False, source="dev")
     pred = [0] * len(items)
     with lm.inference():
-        for idx, logps, mask in score_all(lm, items, batch_size, desc=desc):
+        for idx, logps, mask in logprobs.score_all(lm, items, batch_size, desc=desc):
             B, K = len(idx), len(prompts[idx[0]].answers)
             totals = (logps * mask).sum(-1).view(K, B)  # completion-major: row k*B + b
             for j, i in enumerate(idx):

@@ -24,14 +24,19 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data import Example, Pair
 from ..errors import ConfigError, DataError
 from ..hub import is_hub_id
-from ..logprobs import completion_nll_per_example
+from ..lazy import lazy
 from ..metrics import MetricSpec
-from ..models import LM
 from .base import Task, read_text, register_task, require_file
+
+if TYPE_CHECKING:
+    from ..models import LM
+
+logprobs = lazy("postlab.logprobs")
 
 SFT_COLUMNS = ("prompt", "completion")
 PREF_COLUMNS = ("prompt", "chosen", "rejected")
@@ -257,7 +262,7 @@ class FileTask(Task):
         examples = self.dev_examples()
         if not examples:
             return {}
-        per_nll = completion_nll_per_example(lm, examples, batch_size, self.cfg.overlength, self.append_eos,
+        per_nll = logprobs.completion_nll_per_example(lm, examples, batch_size, self.cfg.overlength, self.append_eos,
                                              source=self.cfg.dev or f"{self.cfg.train} (validation split)")
         nll, tokens = sum(n for n, _ in per_nll), sum(t for _, t in per_nll)
         loss = nll / tokens

@@ -9,14 +9,17 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data import Choices, Example, Pair
 from ..errors import DataError
 from ..hub import is_hub_id
 from ..metrics import MetricSpec
-from ..models import LM
 from .base import Task, data_dir, read_text, register_task, require_file
 from .cloze import classification_metrics, classification_report, classify  # noqa: F401 (classification_metrics: re-exported)
+
+if TYPE_CHECKING:
+    from ..models import LM
 
 TEMPLATE = 'Question 1: "{q1}"\nQuestion 2: "{q2}"\nDo these two questions ask the same thing? Answer:'
 LABELS = {1: " yes", 0: " no"}

@@ -28,14 +28,19 @@ import logging
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data import Example
 from ..errors import DataError
-from ..generate import generate
-from ..logprobs import completion_nll_per_example
+from ..lazy import lazy
 from ..metrics import MetricSpec, chrf_stats, sentence_chrf
-from ..models import LM
 from .base import EvalCost, SampledRejected, Task, data_dir, read_text, register_task, require_file
+
+if TYPE_CHECKING:
+    from ..models import LM
+
+logprobs = lazy("postlab.logprobs")
+sampling = lazy("postlab.generate")
 
 log = logging.getLogger("postlab")
 
@@ -172,10 +177,10 @@ class Sonnets(Task):
 
         held = self.held_out()
         examples = [self.example(n, lines) for n, lines in held]
-        per_nll = completion_nll_per_example(lm, examples, batch_size, self.cfg.overlength, self.append_eos,
+        per_nll = logprobs.completion_nll_per_example(lm, examples, batch_size, self.cfg.overlength, self.append_eos,
                                              source=str(self._path(self.source_split("dev_reference"))))
         mean_nll = sum(n for n, _ in per_nll) / sum(t for _, t in per_nll)
-        generated = generate(lm, [ex.prompt for ex in examples], self.cfg.generation, desc="generating sonnets")
+        generated = sampling.generate(lm, [ex.prompt for ex in examples], self.cfg.generation, desc="generating sonnets")
         conts = [cut_continuation(g) for g in generated]
         hyps = ["\n".join(lines[:PROMPT_LINES] + c) for (_, lines), c in zip(held, conts)]
         refs = ["\n".join(lines) for _, lines in held]
