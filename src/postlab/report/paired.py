@@ -189,10 +189,12 @@ def interval_at(res: dict, alpha: float) -> dict[str, float]:
         lo, hi = tango_interval(wins, losses, res["n_examples"], alpha)
         lo90, hi90 = tango_interval(wins, losses, res["n_examples"], 2 * alpha)
         return {"ci_low": lo, "ci_high": hi, "equivalence_bound": max(abs(lo90), abs(hi90))}
-    if test in (SIGN_TEST, IDENTICAL):  # every seed differs by the same amount (0: identical)
-        lo, hi = sign_test_interval(mean, res["n"], alpha) if test == SIGN_TEST else (0.0, 0.0)
-        lo90, hi90 = sign_test_interval(mean, res["n"], 2 * alpha) if test == SIGN_TEST else (0.0, 0.0)
+    if test == SIGN_TEST:  # every seed differs by the same amount: the sign test's order statistics
+        lo, hi = sign_test_interval(mean, res["n"], alpha)
+        lo90, hi90 = sign_test_interval(mean, res["n"], 2 * alpha)
         return {"ci_low": lo, "ci_high": hi, "equivalence_bound": max(abs(lo90), abs(hi90))}
+    if test == IDENTICAL:  # equal on every seed: no spread to bound a difference with
+        return {"ci_low": 0.0, "ci_high": 0.0, "equivalence_bound": math.nan}
     return {"ci_low": math.nan, "ci_high": math.nan, "equivalence_bound": math.nan}
 
 
@@ -287,7 +289,7 @@ def compare_seed_values(a: dict, b: dict, alpha: float = 0.05, name_a: str = "A"
         d = d[~np.isnan(d)]
         res.update(test=SEED_T, se=float(d.std(ddof=1) / math.sqrt(d.size)), df=d.size - 1)
     res.update(interval_at(res, alpha))
-    if not res["significant"] and math.isfinite(res["equivalence_bound"]):
+    if not res["significant"] and res["test"] != IDENTICAL and math.isfinite(res["equivalence_bound"]):
         res["verdict"] = f"no difference larger than {res['equivalence_bound']:.3g} ({format_p(res['p_value'])})"
     return res
 
