@@ -227,3 +227,26 @@ def test_study_report_names_the_runs_it_left_out_on_the_terminal(tmp_path, tiny_
     said = capsys.readouterr().out
     assert "Partial report: 1 of 2 planned runs" in said
     assert f"{cut.name} " in said and "unreadable result.json" in said
+
+
+def test_paraphrase_dev_loss_is_the_mean_nll_of_the_correct_answer(tmp_path, tiny_llama):
+    import math
+
+    from postlab.models import load_lm
+    from postlab.tasks.cloze import answer_logps
+    from postlab.tasks.paraphrase import LABELS, Choices
+
+    data = write_pairs(tmp_path / "p.tsv", 10)
+    task = get_task(TaskConfig(name="paraphrase", train=str(data), dev=str(data)))
+    lm = load_lm(str(tiny_llama), "cpu", "fp32")
+    metrics = task.evaluate(lm, tmp_path / "eval", batch_size=4)
+    rows = task._load("dev")
+    scores = answer_logps(lm, [Choices(task.prompt(a, b), [LABELS[0], LABELS[1]], i) for i, a, b, _ in rows], 4)
+    expected = sum(-s[y] for s, (*_, y) in zip(scores, rows)) / len(rows)
+    assert metrics["dev_loss"] == pytest.approx(expected) and metrics["dev_loss"] > 0
+    # a probability of the correct answer: each example's NLL is -log p with p <= 1
+    assert all(math.exp(-(-s[y])) <= 1 for s, (*_, y) in zip(scores, rows))
+    from postlab.metrics import read_per_example
+
+    pe = read_per_example(tmp_path / "eval")
+    assert pe.value("dev_loss") == pytest.approx(metrics["dev_loss"])

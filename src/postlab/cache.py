@@ -150,8 +150,9 @@ def cached_evaluation(lm: LM, settings: dict, out_dir: Path, compute: Callable[[
     (predictions, generated text) are kept with the cached metrics and copied to `out_dir`."""
     from . import __version__
 
-    # per_example 2: evaluations write per-example statistics (postlab.metrics); older entries lack them
-    key = cache_key(lm, [], {"role": "evaluation", "postlab": __version__, "per_example": 2, **settings})
+    # per_example 2: evaluations write per-example statistics (postlab.metrics); older entries lack them;
+    # 3: classification tasks also report dev_loss (the correct answer's NLL)
+    key = cache_key(lm, [], {"role": "evaluation", "postlab": __version__, "per_example": 3, **settings})
     with lock(f"eval-{key}"):
         return _cached_evaluation(location("eval") / key, out_dir, compute)
 

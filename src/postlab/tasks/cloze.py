@@ -74,18 +74,28 @@ class ClozeOptions(BaseModel):
         return list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(self.template) if f))
 
 
-def classify(lm: LM, prompts: list[Choices], batch_size: int, desc: str | None = None) -> list[int]:
-    """For each prompt, the index of its most likely answer (sum of the answer's token log-probs;
-    ties go to the first). Prompts too long for the model lose their start."""
+def answer_logps(lm: LM, prompts: list[Choices], batch_size: int, desc: str | None = None) -> list[list[float]]:
+    """For each prompt, the log-probability of each of its answers (the sum over the answer's tokens).
+    Prompts too long for the model lose their start."""
     items, _ = tokenize(prompts, lm.tokenizer, lm.max_length, "truncate", append_eos=False, source="dev")
-    pred = [0] * len(items)
+    out: list[list[float]] = [[] for _ in items]
     with lm.inference():
         for idx, logps, mask in logprobs.score_all(lm, items, batch_size, desc=desc):
             B, K = len(idx), len(prompts[idx[0]].answers)
-            totals = (logps * mask).sum(-1).view(K, B)  # completion-major: row k*B + b
+            totals = (logps * mask).sum(-1).view(K, B).T.tolist()  # completion-major: row k*B + b
             for j, i in enumerate(idx):
-                pred[i] = int(totals[:, j].argmax())
-    return pred
+                out[i] = totals[j]
+    return out
+
+
+def most_likely(scores: list[list[float]]) -> list[int]:
+    """The index of each example's most likely answer (ties go to the first)."""
+    return [max(range(len(s)), key=lambda k: (s[k], -k)) for s in scores]
+
+
+def classify(lm: LM, prompts: list[Choices], batch_size: int, desc: str | None = None) -> list[int]:
+    """For each prompt, the index of its most likely answer (ties go to the first)."""
+    return most_likely(answer_logps(lm, prompts, batch_size, desc))
 
 
 def classification_metrics(gold: list[int], pred: list[int], n_classes: int = 2) -> dict[str, float]:
@@ -100,15 +110,21 @@ def classification_metrics(gold: list[int], pred: list[int], n_classes: int = 2)
     return {"accuracy": acc, "macro_f1": sum(f1s) / n_classes}
 
 
-def classification_report(ids: list[str], gold: list[int], pred: list[int], n_classes: int) -> tuple[dict, list[dict]]:
-    """(metrics with the majority-class baseline, per-example records with their statistics)."""
+def classification_report(ids: list[str], gold: list[int], scores: list[list[float]], n_classes: int
+                          ) -> tuple[dict, list[dict]]:
+    """(metrics with the majority-class baseline, per-example records with their statistics), from
+    each example's answer log-probabilities: the prediction is the most likely answer (ties: the
+    first), and `dev_loss` the mean NLL of the correct answer."""
+    pred = most_likely(scores)
     majority = max(range(n_classes), key=lambda c: (sum(g == c for g in gold), -c))
+    nll = [-s[y] for s, y in zip(scores, gold)]
     metrics = {**classification_metrics(gold, pred, n_classes),
                **{f"majority_{k}": v for k, v in classification_metrics(gold, [majority] * len(gold), n_classes).items()},
-               "n": float(len(gold))}
+               "dev_loss": sum(nll) / len(nll), "n": float(len(gold))}
     records = [{"id": i, "score": float(y == p), "stats": {"accuracy": [float(y == p), 1.0],
-                                                            "macro_f1": class_stats(y, p, n_classes)}}
-               for i, y, p in zip(ids, gold, pred)]
+                                                            "macro_f1": class_stats(y, p, n_classes),
+                                                            "dev_loss": [loss, 1.0]}}
+               for i, y, p, loss in zip(ids, gold, pred, nll)]
     return metrics, records
 
 
@@ -119,7 +135,8 @@ class Cloze(Task):
     append_eos = False  # the answer is the label's words, nothing after them
     primary_metrics = ("accuracy", "macro_f1")
     metric_specs = {"accuracy": MetricSpec("ratio", planning=(4e-4, 0.25, 0.25)),
-                    "macro_f1": MetricSpec("macro_f1", planning=(1e-3, 0.5, 0.5))}
+                    "macro_f1": MetricSpec("macro_f1", planning=(1e-3, 0.5, 0.5)),
+                    "dev_loss": MetricSpec("ratio", higher_is_better=False, planning=(4e-4, 0.1, 0.1))}
 
     def _rows(self, split: str) -> list[tuple[str, str, int]]:
         """(id, prompt, class index) of the split's records."""
@@ -158,9 +175,10 @@ class Cloze(Task):
     def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
         rows = self._rows("dev")
         answers = list(self.options.labels.values())
-        pred = classify(lm, [Choices(p, answers, i) for i, p, _ in rows], batch_size, desc="eval cloze")
+        scores = answer_logps(lm, [Choices(p, answers, i) for i, p, _ in rows], batch_size, desc="eval cloze")
         gold = [y for *_, y in rows]
-        metrics, records = classification_report([i for i, *_ in rows], gold, pred, len(answers))
+        metrics, records = classification_report([i for i, *_ in rows], gold, scores, len(answers))
+        pred = most_likely(scores)
         self.write_per_example(out_dir, records)
         if out_dir is not None:
             with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:

@@ -16,7 +16,7 @@ from ..errors import DataError
 from ..hub import is_hub_id
 from ..metrics import MetricSpec
 from .base import Task, data_dir, read_text, register_task, require_file
-from .cloze import classification_metrics, classification_report, classify  # noqa: F401 (classification_metrics: re-exported)
+from .cloze import answer_logps, classification_metrics, classification_report, classify, most_likely  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from ..models import LM
@@ -79,7 +79,9 @@ class Paraphrase(Task):
     # seed-to-seed SD 0.02 (2 accuracy points). Macro-F1's pseudo-values spread about twice as wide.
     metric_specs = {"accuracy": MetricSpec("ratio", planning=(4e-4, 0.25, 0.25)),
                     "macro_f1": MetricSpec("macro_f1", planning=(1e-3, 0.5, 0.5)),
-                    "predicted_yes_rate": MetricSpec("ratio")}
+                    "predicted_yes_rate": MetricSpec("ratio"),
+                    # mean NLL of the correct answer token: where SFT objectives differ by design
+                    "dev_loss": MetricSpec("ratio", higher_is_better=False, planning=(4e-4, 0.1, 0.1))}
 
     def _load(self, split: str) -> list[tuple[str, str, str, int]]:
         read = self.source_split(split)
@@ -108,15 +110,16 @@ class Paraphrase(Task):
     def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
         rows = self._load("dev")
         # A cloze classification over the two label words (tasks/cloze.py), class index = the label.
-        pred = classify(lm, [Choices(self.prompt(a, b), [LABELS[0], LABELS[1]], i) for i, a, b, _ in rows], batch_size,
-                        desc="eval paraphrase")
+        scores = answer_logps(lm, [Choices(self.prompt(a, b), [LABELS[0], LABELS[1]], i) for i, a, b, _ in rows],
+                              batch_size, desc="eval paraphrase")
         gold = [y for *_, y in rows]
-        metrics, records = classification_report([i for i, *_ in rows], gold, pred, 2)
+        pred = most_likely(scores)
+        metrics, records = classification_report([i for i, *_ in rows], gold, scores, 2)
         for r, p in zip(records, pred):
             r["stats"]["predicted_yes_rate"] = [float(p), 1.0]
         metrics = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
                    "majority_accuracy": metrics["majority_accuracy"], "majority_macro_f1": metrics["majority_macro_f1"],
-                   "predicted_yes_rate": sum(pred) / len(pred), "n": metrics["n"]}
+                   "predicted_yes_rate": sum(pred) / len(pred), "dev_loss": metrics["dev_loss"], "n": metrics["n"]}
         self.write_per_example(out_dir, records)
         if out_dir is not None:
             with open(out_dir / "paraphrase_predictions.jsonl", "w") as f:
