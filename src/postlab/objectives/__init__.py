@@ -4,14 +4,15 @@ An objective never sees a model. The training loop computes the log-probs it dec
 (policy always; cached reference or teacher log-probs when ``needs_reference``/``needs_teacher``)
 and calls it. Adding an objective is a small file with a ``@register`` call, imported below.
 
-Two shapes of input:
+Three shapes of input:
   * ``kind="sft"``: a :class:`TokenLogps` for a batch of completions.
   * ``kind="preference"``: a :class:`PairLogps` (chosen and rejected completions of the same prompts).
+  * ``kind="unpaired"``: an :class:`UnpairedLogps` (completions labelled desirable or not: KTO).
 """
 from __future__ import annotations
 
-from .base import (REGISTRY, LossFn, ObjectiveArgs, ObjectiveSpec, PairLogps, TokenLogps, get_objective,  # noqa: F401
-                   implicit_reward, parse_args, register)
+from .base import (REGISTRY, STAGE_FEEDS, LossFn, ObjectiveArgs, ObjectiveSpec, PairLogps, StageFeeds,  # noqa: F401
+                   TokenLogps, UnpairedLogps, get_objective, implicit_reward, parse_args, register, unmet_needs)
 
 # Importing the modules registers their objectives.
 from . import distill, preference, sft  # noqa: E402,F401
