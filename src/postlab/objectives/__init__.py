@@ -15,4 +15,4 @@ from .base import (REGISTRY, STAGE_FEEDS, LossFn, ObjectiveArgs, ObjectiveSpec, 
                    TokenLogps, UnpairedLogps, get_objective, implicit_reward, parse_args, register, unmet_needs)
 
 # Importing the modules registers their objectives.
-from . import distill, dpo_variants, preference, reference_free, sft  # noqa: E402,F401
+from . import distill, dpo_variants, kto, preference, reference_free, sft  # noqa: E402,F401
