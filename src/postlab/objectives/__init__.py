@@ -14,5 +14,6 @@ from __future__ import annotations
 from .base import (REGISTRY, STAGE_FEEDS, LossFn, ObjectiveArgs, ObjectiveSpec, PairLogps, StageFeeds,  # noqa: F401
                    TokenLogps, UnpairedLogps, get_objective, implicit_reward, parse_args, register, unmet_needs)
 
-# Importing the modules registers their objectives.
+# Importing the modules registers their objectives (mix last: it validates its terms against the registry).
 from . import distill, dpo_variants, kto, preference, reference_free, sft  # noqa: E402,F401
+from . import mix  # noqa: E402,F401
