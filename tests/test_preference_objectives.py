@@ -9,9 +9,6 @@ TRL (1.16) references:
 """
 from __future__ import annotations
 
-from collections import defaultdict
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch.testing import assert_close
@@ -20,81 +17,7 @@ from postlab.errors import ConfigError
 from postlab.objectives import PairLogps, TokenLogps, get_objective, parse_args
 
 pytest.importorskip("trl")
-from trl import DPOTrainer  # noqa: E402
-from trl.experimental.cpo import CPOTrainer  # noqa: E402
-
-CPU = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
-METRICS = ["rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"]
-TRL_NAME = {"rewards/margin": "rewards/margins", "rewards/accuracy": "rewards/accuracies"}
-
-
-def make_pair(b: int = 8, t: int = 7, seed: int = 0, gap: float = 0.0) -> PairLogps:
-    """Random per-token log-probs; varying lengths; junk (not zero) in padded positions; chosen shifted by ``gap``."""
-    g = torch.Generator().manual_seed(seed)
-
-    def side(shift: float) -> TokenLogps:
-        lens = torch.randint(1, t + 1, (b,), generator=g)
-        lens[0] = t
-        mask = torch.arange(t) < lens[:, None]
-        policy = (-3 * torch.rand(b, t, generator=g, dtype=torch.float64) + shift).requires_grad_()
-        return TokenLogps(policy, mask, reference=-3 * torch.rand(b, t, generator=g, dtype=torch.float64))
-
-    return PairLogps(side(gap), side(0.0))
-
-
-def ours(name: str, x: PairLogps, **raw):
-    spec = get_objective(name)
-    return spec.fn(x, parse_args(spec, raw))
-
-
-def grads(loss: torch.Tensor, x: PairLogps):
-    return torch.autograd.grad(loss, [x.chosen.policy, x.rejected.policy])
-
-
-class StubModel:
-    """Stands in for the policy: DPOTrainer reads ``outputs.log_probs`` (0 where labels are -100) and logging fields."""
-
-    training = True
-
-    def __init__(self, log_probs: torch.Tensor):
-        self.log_probs = log_probs
-
-    def __call__(self, **kwargs):
-        z = torch.zeros_like(self.log_probs).detach()
-        return SimpleNamespace(log_probs=self.log_probs, entropy=z, mean_logits=z, is_top1=z.bool())
-
-
-def trl_dpo(x: PairLogps, loss_types: list[str], beta: float, label_smoothing: float = 0.0, loss_weights=None):
-    """Run TRL's ``DPOTrainer._compute_loss`` on precomputed reference log-probs; return (loss, last metrics)."""
-    c, r = x.chosen, x.rejected
-    model = StubModel(torch.cat([c.policy * c.mask, r.policy * r.mask]))
-    mask = torch.cat([c.mask, r.mask]).long()
-    completion_mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], 1)  # one prompt token; TRL shifts by one
-    tr = object.__new__(DPOTrainer)
-    vars(tr).update(
-        model=model, accelerator=CPU, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=loss_types, loss_weights=loss_weights or [1.0] * len(loss_types),
-        beta=beta, label_smoothing=label_smoothing, use_weighting=False, args=SimpleNamespace(),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
-    )
-    inputs = {
-        "input_ids": torch.zeros_like(completion_mask), "attention_mask": torch.ones_like(completion_mask),
-        "completion_mask": completion_mask,
-        "ref_chosen_logps": c.sum("reference"), "ref_rejected_logps": r.sum("reference"),
-    }
-    loss = tr._compute_loss(model, inputs, return_outputs=False)
-    return loss, {k: v[-1] for k, v in tr._metrics["train"].items()}
-
-
-def trl_cpo(chosen: torch.Tensor, rejected: torch.Tensor, loss_type: str, beta: float, label_smoothing: float = 0.0,
-            simpo_gamma: float = 0.5):
-    """TRL's ``CPOTrainer.cpo_loss`` (alpha=0, i.e. plain log-prob rewards); returns (mean loss, rewards c, r)."""
-    tr = object.__new__(CPOTrainer)
-    vars(tr).update(accelerator=CPU, alpha=0.0, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type,
-                    simpo_gamma=simpo_gamma)
-    losses, rc, rr = tr.cpo_loss(chosen, rejected)
-    return losses.mean(), rc, rr
-
+from trl_harness import METRICS, TRL_NAME, grads, make_pair, ours, trl_cpo, trl_dpo  # noqa: E402
 
 DPO_CASES = [  # (our name, our args, TRL loss types, TRL kwargs)
     ("dpo", {"beta": 0.1}, ["sigmoid"], {"beta": 0.1}),

@@ -53,8 +53,8 @@ def _options(model) -> list[str]:
     for name, f in model.model_fields.items():
         kind = (f.annotation.__name__ if isinstance(f.annotation, type)
                 else str(f.annotation).replace("typing.", "").replace("Literal", ""))
-        default = f.default if f.default is not None or not f.is_required() else "(required)"
-        out.append(f"    {name}: {kind} = {default!r}" + (f"  ({f.description})" if f.description else ""))
+        default = "(required)" if f.is_required() else repr(f.default)
+        out.append(f"    {name}: {kind} = {default}" + (f"  ({f.description})" if f.description else ""))
     return out or ["    (no options)"]
 
 
@@ -69,11 +69,14 @@ def cmd_list(a: argparse.Namespace) -> int:
                       f"  metrics compared by a study: {', '.join(cls.primary_metrics) or 'all'}; "
                       f"options under task.{name}:"] + _options(cls.Options)
     elif a.what == "objectives":
-        from .objectives import REGISTRY
+        from .objectives import REGISTRY, unmet_needs
 
         for name, spec in sorted(REGISTRY.items()):
-            needs = [w for w, on in (("reference", spec.needs_reference), ("teacher", spec.needs_teacher)) if on]
-            lines += [f"{name} ({spec.kind}" + (f"; needs the {' and '.join(needs)}" if needs else "") + "): "
+            needs = spec.needs()
+            required = any(f.is_required() for f in spec.args.model_fields.values())
+            waiting = not required and unmet_needs(spec, spec.args())
+            lines += [f"{name} ({spec.kind}" + (f"; needs {' and '.join(needs)}" if needs else "")
+                      + ("; not trainable yet: the stage does not prepare it" if waiting else "") + "): "
                       + (spec.doc.splitlines()[0] if spec.doc else "")] + _options(spec.args)
     else:
         from .parameterizations import REGISTRY as METHODS

@@ -97,10 +97,11 @@ class ObjectiveConfig(BaseModel):
 
     @property
     def spec(self) -> ObjectiveSpec:
-        """The registered objective (an ObjectiveSpec): its loss, kind and the models it needs."""
+        """The objective as these options make it (an ObjectiveSpec): its loss, kind and what the stage
+        must prepare for it (an option such as a mix's terms or WPO may need more than the registered spec)."""
         from .objectives import get_objective
 
-        return get_objective(self.name)
+        return get_objective(self.name).for_args(self.typed_args)
 
 
 class StageConfig(Strict):

@@ -17,7 +17,7 @@ from pydantic import Field
 from ..lazy import F, torch
 from .base import ObjectiveArgs, PairLogps, TokenLogps, register
 from .divergence import bucket_kl, generalized_jsd, masked_mean, with_tail
-from .preference import DPOArgs, _rewards, dpo
+from .preference import DPOArgs, dpo, dpo_family, pair_rewards
 
 Out = tuple["torch.Tensor", dict[str, "torch.Tensor"]]
 
@@ -44,7 +44,7 @@ def kd(x: TokenLogps, a: KDArgs) -> Out:
                   "tail_mass": masked_mean(teacher[..., -1].exp(), x.mask).detach()}
 
 
-@register("ddpo", args=DPOArgs, kind="preference", needs_reference=True)
+@dpo_family("ddpo")
 def ddpo(x: PairLogps, a: DPOArgs) -> Out:
     """dDPO: DPO (sigmoid) on teacher-vs-student pairs; the reference is the dSFT student."""
     return dpo(x, a)
@@ -59,7 +59,7 @@ class DADPOArgs(ObjectiveArgs):
 def dadpo(x: PairLogps, a: DADPOArgs) -> Out:
     """daDPO: −logσ((β1+β2)·Δlogπθ − β1·Δlogπref − β2·Δlogπteacher). Rewards are reported as DPO's with
     β = β1; ``teacher_margin`` is the mean Δlogπθ − Δlogπteacher."""
-    _, _, m = _rewards(x, a.beta1)
+    _, _, m = pair_rewards(x, a.beta1)
     delta = {w: x.chosen.sum(w) - x.rejected.sum(w) for w in ("policy", "reference", "teacher")}
     z = (a.beta1 + a.beta2) * delta["policy"] - a.beta1 * delta["reference"] - a.beta2 * delta["teacher"]
     m["teacher_margin"] = (delta["policy"] - delta["teacher"]).mean().detach()

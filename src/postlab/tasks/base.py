@@ -149,6 +149,26 @@ def read_text(path: Path) -> str:
 
 
 
+@dataclass
+class UnpairedExample:
+    """A prompt and one completion labelled desirable or not (TRL's unpaired format: prompt, completion,
+    label), the data of KTO-style objectives. It belongs beside Example and Pair (postlab.data) when that
+    module takes it."""
+
+    prompt: str
+    completion: str
+    desirable: bool
+    id: str = ""
+
+
+def unpair(pairs: list[Pair]) -> list[UnpairedExample]:
+    """Each pair as two unpaired examples, its chosen answer desirable and its rejected one not (what TRL's
+    ``unpair_preference_dataset`` does; a chosen answer repeated across pairs stays repeated, so the labels
+    stay balanced)."""
+    return [ex for p in pairs for ex in (UnpairedExample(p.prompt, p.chosen, True, f"{p.id}/chosen"),
+                                         UnpairedExample(p.prompt, p.rejected, False, f"{p.id}/rejected"))]
+
+
 @dataclass(frozen=True)
 class SampledRejected:
     """How a task whose rejected answers are sampled (postlab.preferences) turns a raw sample into a
@@ -203,6 +223,16 @@ class Task:
         raise ConfigError(f"task {self.name!r} has no preference pairs of its own: build them with "
                           f"postlab.preferences.build_pairs (sampled rejected answers), or use task.name: file "
                           f"with a prompt/chosen/rejected file")
+
+    def unpaired_examples(self, split: str = "train") -> list[UnpairedExample]:
+        """Completions labelled desirable or not (KTO): by default the task's own preference pairs,
+        unpaired. A task whose rejected answers are sampled (sonnets) has none of its own: unpair the
+        pairs `postlab.preferences.build_pairs` samples for it."""
+        if self.sampled_rejected is not None:
+            raise ConfigError(f"task {self.name!r} samples its undesirable answers from a model: unpaired examples "
+                              f"are its sampled preference pairs, unpaired (postlab.preferences.build_pairs, then "
+                              f"postlab.tasks.base.unpair)")
+        return unpair(self.preference_pairs(split))
 
     def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
         raise NotImplementedError

@@ -11,7 +11,10 @@ A hub dataset id is `owner/name`, optionally `owner/name:subset` and/or `...@spl
 
 SFT examples come from `prompt`/`completion`; a file with `prompt`/`chosen`/`rejected` (and no
 `completion`) also serves SFT, with the chosen completion as the target, so one preference dev file
-can give dev loss in any stage. All readers go through `read_records`.
+can give dev loss in any stage. Unpaired examples (KTO) come from `prompt`/`completion`/`label`
+records, the label true/false (or 1/0, "true"/"false"); such a file serves SFT with its desirable
+completions only, and a preference file serves KTO unpaired (chosen desirable, rejected not). All
+readers go through `read_records`.
 
 `evaluate` scores the dev completions: `loss` = mean token NLL over completion tokens (EOS
 included), `perplexity` = exp(loss). Lower is better. Without task.dev it returns {}.
@@ -31,7 +34,7 @@ from ..errors import ConfigError, DataError
 from ..hub import is_hub_id
 from ..lazy import lazy
 from ..metrics import MetricSpec
-from .base import Task, read_text, register_task, require_file
+from .base import Task, UnpairedExample, read_text, register_task, require_file, unpair
 
 if TYPE_CHECKING:
     from ..models import LM
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
 logprobs = lazy("postlab.logprobs")
 
 SFT_COLUMNS = ("prompt", "completion")
+UNPAIRED_COLUMNS = SFT_COLUMNS + ("label",)  # TRL's unpaired format (KTO)
+LABELS = {"true": True, "1": True, "false": False, "0": False}
 PREF_COLUMNS = ("prompt", "chosen", "rejected")
 SFT_FROM_PREF = ("prompt", "chosen")  # SFT on the chosen completions of a preference file
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
@@ -50,10 +55,12 @@ Read = tuple[list[str] | None, str | None, Rows]
 
 
 def read_records(source: str, column_sets: Iterable[tuple[str, ...]], split: str = "train",
-                 scalar_columns: Iterable[str] = ()) -> tuple[tuple[str, ...], list[dict[str, str]]]:
-    """Records holding the first of `column_sets` whose columns the data has, each value checked to
-    be a non-empty string (`scalar_columns`, e.g. a label, may also hold numbers or booleans, read as
-    text). Returns (the columns used, records with those keys plus `id`).
+                 scalar_columns: Iterable[str] = (), optional: Iterable[str] = ()
+                 ) -> tuple[tuple[str, ...], list[dict[str, str]]]:
+    """Records holding the first of `column_sets` whose columns the data has, plus the `optional`
+    columns its header (or first record) has, each value checked to be a non-empty string
+    (`scalar_columns`, e.g. a label, may also hold numbers or booleans, read as text). Returns (the
+    columns used, records with those keys plus `id`).
     Every error is a DataError naming the source and, where it applies, the line or row."""
     column_sets = list(column_sets)
     if is_hub_id(source):
@@ -69,6 +76,7 @@ def read_records(source: str, column_sets: Iterable[tuple[str, ...]], split: str
         header, header_where, rows = _READERS[fmt](path)
         name = path.name
     columns = _choose_columns(source, header, header_where, column_sets)
+    columns += tuple(c for c in optional if header is not None and c in header and c not in columns)
     out = []
     scalars = set(scalar_columns)
     for where, rec in rows:
@@ -119,6 +127,14 @@ def _check_record(source: str, where: str, rec: object, columns: tuple[str, ...]
     rid = rec.get("id")
     out["id"] = str(rid) if rid is not None and str(rid) != "" else f"{name}:{where.split()[-1]}"
     return out
+
+
+def _desirable(source: str, record: dict[str, str]) -> bool:
+    try:
+        return LABELS[record["label"].strip().lower()]
+    except KeyError:
+        raise DataError(f"{source}: record {record['id']}: label must be true or false (or 1/0), got "
+                        f"{record['label']!r}") from None
 
 
 def _short(v: object, n: int = 40) -> str:
@@ -235,17 +251,22 @@ class FileTask(Task):
     def _source(self, split: str) -> str | None:
         return getattr(self.cfg, self._check_split(split))
 
-    def _records(self, split: str, column_sets: list[tuple[str, ...]]) -> list[dict[str, str]]:
+    def _records(self, split: str, column_sets: list[tuple[str, ...]], optional: tuple[str, ...] = ()
+                 ) -> list[dict[str, str]]:
         read = self.source_split(self._check_split(split))
         src = self._source(read)
         if src is None:
             raise ConfigError(f"task.{read}: the file task needs a JSONL/CSV/Parquet path or a hub dataset id")
-        _, recs = read_records(src, column_sets, read)
+        columns, recs = read_records(src, column_sets, read, scalar_columns=["label"], optional=optional)
+        if "label" in columns and "completion" in columns:  # TRL's unpaired format
+            for r in recs:
+                r["label"] = _desirable(src, r)
         return self.split_rows(recs, split, src)
 
     def _examples(self, split: str) -> list[Example]:
-        recs = self._records(split, [SFT_COLUMNS, SFT_FROM_PREF + ("rejected",)])
-        return [Example(r["prompt"], r.get("completion", r.get("chosen")), r["id"]) for r in recs]
+        recs = self._records(split, [SFT_COLUMNS, SFT_FROM_PREF + ("rejected",)], optional=("label",))
+        return [Example(r["prompt"], r.get("completion", r.get("chosen")), r["id"]) for r in recs
+                if r.get("label") is not False]  # a labelled file: its desirable completions
 
     def train_examples(self) -> list[Example]:
         return self._examples("train")
@@ -257,6 +278,13 @@ class FileTask(Task):
     def preference_pairs(self, split: str = "train") -> list[Pair]:
         recs = self._records(split, [PREF_COLUMNS])
         return [Pair(r["prompt"], r["chosen"], r["rejected"], r["id"]) for r in recs]
+
+    def unpaired_examples(self, split: str = "train") -> list[UnpairedExample]:
+        """prompt/completion/label records, or a preference file unpaired (chosen desirable, rejected not)."""
+        recs = self._records(split, [UNPAIRED_COLUMNS, PREF_COLUMNS])
+        if "label" not in recs[0]:
+            return unpair([Pair(r["prompt"], r["chosen"], r["rejected"], r["id"]) for r in recs])
+        return [UnpairedExample(r["prompt"], r["completion"], r["label"], r["id"]) for r in recs]
 
     def evaluate(self, lm: LM, out_dir: Path | None = None, batch_size: int = 16) -> dict[str, float]:
         examples = self.dev_examples()
