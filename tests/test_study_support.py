@@ -250,3 +250,12 @@ def test_paraphrase_dev_loss_is_the_mean_nll_of_the_correct_answer(tmp_path, tin
 
     pe = read_per_example(tmp_path / "eval")
     assert pe.value("dev_loss") == pytest.approx(metrics["dev_loss"])
+
+
+def test_a_stage_ending_mid_epoch_on_an_evaluation_step_evaluates_it_once(tmp_path, tiny_llama):
+    data = write_pairs(tmp_path / "p.tsv", 24)  # 6 steps an epoch; the stage stops after 4
+    cfg = run_config(tiny_llama, tmp_path / "run", data, epochs=1, max_steps=4, eval_every_steps=2,
+                     curve_examples=4, task={"dev_limit": 10})
+    run(parse_run_config(cfg))
+    dev = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["n"]) for r in dev if r["split"] == "dev"] == [(0, 10), (2, 4), (4, 10)]

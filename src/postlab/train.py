@@ -200,7 +200,8 @@ def _train_epochs(loop: _Loop, pending: _Pending) -> None:
             if at.step % cfg.log_every == 0 or at.step == total:
                 pending.flush(record=True)
             pending.bar.update(1)
-            mid_epoch = g < len(groups) - 1
+            # (the stage's last step is evaluated and saved once, after the loop, even mid-epoch)
+            mid_epoch = g < len(groups) - 1 and at.step < total
             if mid_epoch and cfg.eval_every_steps and at.step % cfg.eval_every_steps == 0:
                 pending.flush()
                 _evaluate(loop, ep_float, final=False)
