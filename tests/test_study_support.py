@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers import run_config, tiny_study, write_pairs, write_study
@@ -259,3 +260,29 @@ def test_a_stage_ending_mid_epoch_on_an_evaluation_step_evaluates_it_once(tmp_pa
     run(parse_run_config(cfg))
     dev = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["n"]) for r in dev if r["split"] == "dev"] == [(0, 10), (2, 4), (4, 10)]
+
+
+def test_an_expo_sweep_trains_each_stage_once_and_extrapolates_as_if_trained(tmp_path, tiny_llama):
+    """Runs that differ only in expo_lambda share the stage's training: the second extrapolates the
+    first's trained weights, and gets what training it again would (fp32, cpu: training is deterministic)."""
+    from helpers import final_weights
+
+    data = write_pairs(tmp_path / "p.tsv", 16)
+
+    def expo_run(out, lam, reuse):
+        cfg = run_config(tiny_llama, tmp_path / out, data, epochs=1, eval_at_start=False)
+        cfg["stages"].append({**cfg["stages"][0], "name": "dpo", "objective": {"name": "dpo"}, "expo_lambda": lam})
+        cfg["reuse_stages"] = reuse
+        return run(parse_run_config(cfg))
+
+    expo_run("a", 1.5, reuse=True)
+    b = expo_run("b", 3.0, reuse=True)
+    c = expo_run("c", 3.0, reuse=False)  # trained again
+    assert b["stages"][1]["training_reused_from"].endswith("a/1-dpo") and "training_reused_from" not in c["stages"][1]
+    assert b["stages"][1]["steps"] == c["stages"][1]["steps"]
+    assert b["metrics"] == pytest.approx(c["metrics"])
+    wb, wc = final_weights(tmp_path / "b", "1-dpo"), final_weights(tmp_path / "c", "1-dpo")
+    for k in wc:
+        assert torch.equal(wb[k], wc[k]), k
+    trains = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["stage"] == "dpo" and r["split"] == "train" for r in trains)  # the training records, copied

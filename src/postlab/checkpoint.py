@@ -99,6 +99,34 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def save_trainable(path: Path, model: torch.nn.Module) -> None:
+    """The model's trainable weights alone (safetensors), written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    safetensors_torch.save_file(trainable_state(model), str(tmp))
+    honour_umask(tmp)
+    os.replace(tmp, path)
+
+
+def load_trainable(path: Path, model: torch.nn.Module) -> None:
+    """Copy weights that `save_trainable` wrote into the model's trainable parameters."""
+    try:
+        weights = safetensors_torch.load_file(str(path), device=str(next(model.parameters()).device))
+    except Exception as e:  # noqa: BLE001 - any corruption becomes one clear message
+        raise ModelError(f"{path}: unreadable trained weights ({type(e).__name__}: {e}); delete it") from None
+    _copy_trainable(model, weights, path)
+
+
+def _copy_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        raise ModelError(f"{where}: holds other parameters than this stage trains "
+                         f"({len(set(weights) ^ expected)} differ): was the config changed?")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for n, t in weights.items():
+            params[n].copy_(t)
+
+
 def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer_state: dict | None, scheduler,
                     state: dict) -> None:
     """Trainable weights, optimizer (None: not kept), scheduler and RNG state, plus `state` (progress counters)."""
@@ -137,14 +165,7 @@ def load_checkpoint(path: Path, model) -> tuple[dict, dict, dict]:
     except Exception as e:  # noqa: BLE001 - any corruption becomes one clear message
         raise ModelError(f"{found}: corrupt checkpoint ({type(e).__name__}: {e}); delete it to restart "
                          f"the stage from its beginning") from None
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
-        raise ModelError(f"{found}: checkpoint holds other parameters than this stage trains "
-                         f"({len(set(weights) ^ expected)} differ): was the config changed?")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for n, t in weights.items():
-            params[n].copy_(t)
+    _copy_trainable(model, weights, found)
     torch.set_rng_state(trainer["rng"]["torch"])
     random.setstate(_as_tuple(trainer["rng"]["python"]))
     if "cuda" in trainer["rng"] and torch.cuda.is_available():

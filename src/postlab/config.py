@@ -183,18 +183,23 @@ class RunConfig(Strict):
                                  f"this stage's weights; only the last stage can keep none")
         return self
 
-    def stage_key(self, i: int) -> str:
+    def stage_key(self, i: int, trained: bool = False) -> str:
         """Identifies what stage `i` produces: the model, the seed and stages 0..i (not where the run
         writes, nor what a stage keeps on disk afterwards). Two runs with the same key train the same
-        stage from the same start, so one can reuse the other's (postlab.run.reuse_stage)."""
+        stage from the same start, so one can reuse the other's (postlab.stage.reuse_stage). With
+        `trained`, what its training produces, before an ExPO extrapolation (stage i's expo_lambda
+        left out): the runs of a λ sweep share it (postlab.stage.reuse_training)."""
         import hashlib
         import json
 
         from . import __version__
 
         kept = {"save_model", "keep_weights"}
+        stages = [s.model_dump(mode="json", exclude=kept) for s in self.stages[:i + 1]]
+        if trained:
+            stages[i].pop("expo_lambda")
         parts = {"model": self.model.model_dump(mode="json"), "seed": self.seed, "postlab": __version__,
-                 "stages": [s.model_dump(mode="json", exclude=kept) for s in self.stages[:i + 1]]}
+                 "stages": stages}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     @field_validator("stages")

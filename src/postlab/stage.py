@@ -26,7 +26,15 @@ import torch
 from . import distributed as dist
 from . import faults
 from .cache import cached_evaluation, location, tokenizer_fingerprint
-from .checkpoint import atomic_write_json, read_json, remove_dir, replace_dir, trainable_state
+from .checkpoint import (
+    atomic_write_json,
+    load_trainable,
+    read_json,
+    remove_dir,
+    replace_dir,
+    save_trainable,
+    trainable_state,
+)
 from .config import ModelConfig, RunConfig, StageConfig
 from .data import Tokenized, tokenize
 from .errors import ConfigError, DataError, PostlabError
@@ -247,6 +255,46 @@ def reuse_stage(cfg: RunConfig, i: int, sdir: Path, metrics: MetricsLog, needs_m
     return done
 
 
+TRAINED = "trained.safetensors"  # an ExPO stage's weights as trained, before the extrapolation
+
+
+def _trained_registry(cfg: RunConfig, i: int) -> Path:
+    return location("stages") / f"trained-{cfg.stage_key(i, trained=True)}.json"
+
+
+def keep_training(cfg: RunConfig, i: int, sdir: Path, model) -> None:
+    """An ExPO stage keeps its trained weights (`trained.safetensors`, before the extrapolation) and
+    records them, so that a λ sweep trains once per seed (`reuse_training`)."""
+    if dist.is_main():
+        save_trainable(sdir / TRAINED, model)
+        if cfg.reuse_stages:
+            atomic_write_json(_trained_registry(cfg, i), {"stage_dir": str(sdir.resolve())})
+
+
+def reuse_training(lm: LM, cfg: RunConfig, i: int, metrics: MetricsLog) -> dict | None:
+    """ExPO without training: where an earlier run trained this very stage with another expo_lambda
+    (same model, seed and stages so far), its trained weights are loaded into `lm.model` and its
+    training records copied. Returns the training summary (marked `training_reused_from`), or None."""
+    if not cfg.reuse_stages or not _trained_registry(cfg, i).is_file():
+        return None
+    try:
+        src = Path(read_json(_trained_registry(cfg, i))["stage_dir"])
+        done = read_json(src / "done.json")
+    except (PostlabError, KeyError):
+        return None
+    if not (src / TRAINED).is_file():
+        return None
+    load_trainable(src / TRAINED, lm.model)
+    stage = cfg.stages[i]
+    metrics.truncate_after(stage.name, -1)
+    for rec in read_jsonl(src.parent / "metrics.jsonl"):
+        if rec.get("stage") == stage.name and "expo_lambda" not in rec:  # its own extrapolation's is not ours
+            metrics.write(rec)
+    log.info("stage %s: trained as in %s (only expo_lambda differs); extrapolating without training", stage.name, src)
+    keys = ("steps", "tokens", "wall_s", "peak_mem_mb", "device")
+    return {**{k: done[k] for k in keys if k in done}, "metrics": {}, "training_reused_from": str(src)}
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     import os
     import shutil
@@ -315,11 +363,15 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
     sdir.mkdir(parents=True, exist_ok=True)
     evaluate = _evaluator(lm, stage, task, sdir)
     prepare_s = round(time.perf_counter() - t_prepare, 2)  # data, sampled pairs, reference pass
-    start = None
+    start, summary = None, None
     if stage.expo_lambda is not None:  # ExPO needs the stage's starting weights
         start = {k: v.clone() for k, v in trainable_state(lm.model).items()}
+        summary = reuse_training(lm, cfg, i, metrics)
     plan = StagePlan(stage, items, sdir, cfg.seed * 100 + i, inputs, cfg.parallel, cfg.model.compile)
-    summary = train_stage(lm, plan, metrics, evaluate)
+    if summary is None:
+        summary = train_stage(lm, plan, metrics, evaluate)
+        if start is not None:
+            keep_training(cfg, i, sdir, lm.model)
     if start is not None:
         extrapolate_in_place(lm.model, start, stage.expo_lambda)
         summary["metrics"] = evaluate(summary["steps"])

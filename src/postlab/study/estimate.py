@@ -65,6 +65,7 @@ class StageEstimate:
     train_tokens: float | None
     seconds: float | None
     reused: bool = False  # identical to a stage of an earlier run: copied, not trained
+    extrapolated: bool = False  # an ExPO stage whose training an earlier run did: extrapolated and evaluated only
 
 
 @dataclass
@@ -223,6 +224,12 @@ def estimate(runs: list[PlannedRun], measure: bool = False) -> tuple[list[RunEst
                     stages.append(StageEstimate(s.name, None, s.epochs, 0.0, 0.0, reused=True))
                     continue
                 trained.add(key)
+                if s.expo_lambda is not None:  # a λ sweep trains each stage once (stage.reuse_training)
+                    key = "trained-" + r.config.stage_key(i, trained=True)
+                    if key in trained:
+                        stages.append(est.stage(r.config.model, s, first=i == 0, trains=False))
+                        continue
+                    trained.add(key)
             stages.append(est.stage(r.config.model, s, first=i == 0))
         out.append(RunEstimate(r, stages))
     return out, est.notes()
@@ -265,7 +272,8 @@ class _Estimator:
                                      else default_throughput(m))
         return self.throughputs[key]
 
-    def stage(self, m: ModelConfig, s: StageConfig, first: bool) -> StageEstimate:
+    def stage(self, m: ModelConfig, s: StageConfig, first: bool, trains: bool = True) -> StageEstimate:
+        """A stage's cost; without `trains`, only its data, extrapolation and final evaluation (ExPO)."""
         from ..tasks import get_task
 
         st = self.stats(s, m.name)
@@ -276,24 +284,37 @@ class _Estimator:
         n, per_example, gen_steps = _training_sizes(s, train)
         batch = s.optim.batch_size * s.optim.grad_accum
         steps_per_epoch = math.ceil(n / batch) if n else 0
-        steps = min(steps_per_epoch * s.epochs, s.max_steps if s.max_steps is not None else math.inf)
+        steps = min(steps_per_epoch * s.epochs, s.max_steps if s.max_steps is not None else math.inf) if trains else 0
         epochs = steps / steps_per_epoch if steps_per_epoch else 0.0
         train_tokens = n * per_example * epochs
         fwd = n * per_example if (spec.needs_reference or spec.topk_of) else 0.0
-        # A stage's starting evaluation is cached: the previous stage's final one, or (first stage)
-        # the base model's, evaluated once per task and evaluation settings.
-        start_key = m.model_dump_json() + json.dumps(s.task.evaluation_settings(), sort_keys=True)
-        start_eval = s.eval_at_start and first and start_key not in self.evaluated
-        self.evaluated.add(start_key)
-        evals = math.ceil(epochs) + int(start_eval) + (steps // s.eval_every_steps if s.eval_every_steps else 0)
-        cost = get_task(s.task).eval_cost(dev.n)  # asked of the task: what one evaluation scores and generates
-        dev_tokens = dev.n * (dev.prompt_tokens + (dev.completion_tokens if cost.scores_completions else 0))
-        fwd += evals * dev_tokens
-        gen_steps += evals * cost.decode_steps
+        if not trains:  # its pairs and reference pass are cached by the run that trained it
+            fwd, gen_steps = 0.0, 0.0
+        full, subset = self._evaluations(m, s, first, steps, epochs, trains)
+        task = get_task(s.task)
+        for count, n_dev in ((full, dev.n), (subset, min(s.curve_examples or dev.n, dev.n))):
+            cost = task.eval_cost(n_dev)  # asked of the task: what one evaluation scores and generates
+            fwd += count * n_dev * (dev.prompt_tokens + (dev.completion_tokens if cost.scores_completions else 0))
+            gen_steps += count * cost.decode_steps
         tp = self.throughput(m, per_example, s.optim.batch_size)
         seconds = ((train_tokens + FORWARD_COST * fwd) / tp.tokens_per_s + gen_steps * tp.decode_step_s
                    + STAGE_OVERHEAD_S[_device_type(m)])
-        return StageEstimate(s.name, n, epochs, train_tokens, seconds)
+        return StageEstimate(s.name, n, epochs, train_tokens, seconds, extrapolated=not trains)
+
+    def _evaluations(self, m: ModelConfig, s: StageConfig, first: bool, steps: int, epochs: float,
+                     trains: bool) -> tuple[int, int]:
+        """(evaluations of the whole dev set, of the learning-curve subset) that a stage makes. Its
+        starting evaluation is cached: the previous stage's final one, or (first stage) the base
+        model's, evaluated once per task and evaluation settings; an ExPO stage evaluates once more."""
+        start_key = m.model_dump_json() + json.dumps(s.task.evaluation_settings(), sort_keys=True)
+        start = s.eval_at_start and first and start_key not in self.evaluated
+        self.evaluated.add(start_key)
+        expo = int(s.expo_lambda is not None)
+        if not trains:
+            return expo, 0
+        between = max(math.ceil(epochs) - 1, 0) + ((steps - 1) // s.eval_every_steps if s.eval_every_steps and steps else 0)
+        full = int(start) + int(steps > 0) + expo + (0 if s.curve_examples else between)
+        return full, between if s.curve_examples else 0
 
     def notes(self) -> dict[str, Any]:
         methods = self.tokens.methods

@@ -113,6 +113,7 @@ def study_footprint(runs, reused: set[tuple[str, int]]) -> Footprint:
     """What the runs keep on disk; `reused` holds (run id, stage index) of stages copied from an earlier
     run (hard links: no extra disk)."""
     fp = Footprint()
+    trained: set[str] = set()
     for r in runs:
         cfg = r.config
         for i, s in enumerate(cfg.stages):
@@ -134,6 +135,9 @@ def study_footprint(runs, reused: set[tuple[str, int]]) -> Footprint:
                 fp.add("finished checkpoints" if method == "fft" else "adapter checkpoints", trainable)
             if s.parameterization.adapter == "merge" and i > 0 and method != "fft" and full is not None:
                 fp.add("merged bases", full + TOKENIZER_BYTES)
+            if s.expo_lambda is not None and cfg.stage_key(i, trained=True) not in trained:  # stage.keep_training
+                trained.add(cfg.stage_key(i, trained=True))
+                fp.add("trained weights kept for ExPO", trainable)
     return fp
 
 

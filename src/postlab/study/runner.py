@@ -48,6 +48,14 @@ def shard_runs(runs: list[PlannedRun], shard: tuple[int, int] | None) -> list[Pl
     return [r for r in runs if r.index % n == i]
 
 
+def _stage_cell(s) -> str:
+    if s.reused:
+        return f"{s.name} (reused)"
+    if s.extrapolated:
+        return f"{s.name} (ExPO of a trained stage)"
+    return f"{s.name} {s.examples if s.examples is not None else '?'}x{s.epochs:g}"
+
+
 def format_plan(study: Study, runs: list[PlannedRun], study_dir: Path, estimates: list[RunEstimate] | None = None,
                 notes: dict | None = None, shard: tuple[int, int] | None = None, total: int | None = None) -> str:
     """The plan as text: one line per run (index, run id, stages), with estimates when given."""
@@ -69,8 +77,7 @@ def format_plan(study: Study, runs: list[PlannedRun], study_dir: Path, estimates
         if e is None:
             table.append([str(r.index), r.run_id, ", ".join(f"{s.name} ?x{s.epochs}" for s in r.config.stages)])
             continue
-        stages = ", ".join(f"{s.name} (reused)" if s.reused else
-                           f"{s.name} {s.examples if s.examples is not None else '?'}x{s.epochs:g}" for s in e.stages)
+        stages = ", ".join(_stage_cell(s) for s in e.stages)
         table.append([str(r.index), r.run_id, stages, human_n(e.train_tokens), human_s(e.seconds)])
     widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(table[0]))]
     right = {0, 3, 4}
