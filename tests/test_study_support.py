@@ -286,3 +286,27 @@ def test_an_expo_sweep_trains_each_stage_once_and_extrapolates_as_if_trained(tmp
         assert torch.equal(wb[k], wc[k]), k
     trains = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["stage"] == "dpo" and r["split"] == "train" for r in trains)  # the training records, copied
+
+
+def test_a_comparison_that_cannot_rule_out_the_named_effect_says_it_cannot_tell():
+    """The plan names comparisons that cannot detect the study's `effects`; the report agrees: such a
+    comparison, when it finds nothing, is not reported as 'no difference'."""
+    import math
+
+    import pandas as pd
+
+    from postlab.report.comparisons import findings
+    from postlab.report.writer import _verdict, with_effects
+
+    row = {"axis": "param", "a": "fft", "b": "lora", "context": "", "task": "paraphrase", "metric": "accuracy",
+           "n": 3, "n_examples": 2000, "mean_diff": 0.004, "p_value": 0.4, "p_holm": 0.8, "significant_holm": False,
+           "equivalence_bound_holm": 0.05, "ci_low_holm": -0.03, "ci_high_holm": 0.04, "verdict": "", "higher_is_better": True}
+    comp = pd.DataFrame([row, {**row, "metric": "macro_f1", "equivalence_bound_holm": 0.01}])
+    comp = with_effects(comp, {"accuracy": 0.02, "macro_f1": 0.02})
+    verdicts = [_verdict(r, 0.05) for _, r in comp.iterrows()]
+    assert verdicts[0].startswith("cannot tell at this scale") and "0.05" in verdicts[0]
+    assert verdicts[1] == "no difference larger than 0.01"
+    said = findings(comp)
+    assert any(s.startswith("Cannot tell on paraphrase whether fft and lora differ by the 0.02") for s in said)
+    assert any(s.startswith("No difference found on paraphrase") and "macro_f1" in s for s in said)
+    assert math.isnan(with_effects(comp.drop(columns="effect"), {"chrf": 1.0})["effect"].iloc[0])

@@ -196,11 +196,14 @@ def findings(comp: pd.DataFrame, alpha: float = 0.05) -> list[str]:
     tested = comp[comp["equivalence_bound_holm"].map(lambda x: isinstance(x, float) and math.isfinite(x))]
     for _, r in tested.sort_values("equivalence_bound_holm").head(3).iterrows():
         where = f"on {r['task']}" if not R.missing(r["task"]) else "here"
-        out.append(f"No difference found {where} between {r['a']} and {r['b']}"
-                   + (f" ({r['context']})" if r["context"] else "")
-                   + f" in {r['metric']}: the data rule out differences larger than {r['equivalence_bound_holm']:.3g} "
-                   f"({r['a']} − {r['b']} = {_fmt(r['mean_diff'])}, {_ci_words(r)}; {_size(r)}; "
-                   f"Holm-adjusted {format_p(r['p_holm'])}).")
+        effect = r.get("effect", math.nan)
+        short = isinstance(effect, float) and math.isfinite(effect) and r["equivalence_bound_holm"] > effect
+        head = (f"Cannot tell {where} whether {r['a']} and {r['b']} differ by the {effect:g} worth finding" if short
+                else f"No difference found {where} between {r['a']} and {r['b']}")
+        out.append(head + (f" ({r['context']})" if r["context"] else "")
+                   + f" in {r['metric']}: the data rule out {'only ' if short else ''}differences larger than "
+                   f"{r['equivalence_bound_holm']:.3g} ({r['a']} − {r['b']} = {_fmt(r['mean_diff'])}, {_ci_words(r)}; "
+                   f"{_size(r)}; Holm-adjusted {format_p(r['p_holm'])}).")
     return out
 
 

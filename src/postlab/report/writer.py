@@ -227,13 +227,28 @@ def _md_comparisons(comp: pd.DataFrame, alpha: float) -> list[str]:
     return lines
 
 
+def with_effects(comp: pd.DataFrame, effects) -> pd.DataFrame:
+    """Each comparison with the study's `effects` for its metric (the smallest difference worth finding;
+    NaN where none is named): a comparison whose data cannot rule out that effect says it cannot tell."""
+    if comp.empty or not isinstance(effects, dict):
+        return comp
+    comp = comp.copy()
+    comp["effect"] = comp["metric"].map(lambda m: float(effects[m]) if m in effects else math.nan)
+    return comp
+
+
 def _verdict(r: pd.Series, alpha: float) -> str:
     if math.isnan(r["p_value"]):
         return str(r["verdict"])
     if r["significant_holm"]:
         return f"**{r['a']} {'>' if r['mean_diff'] > 0 else '<'} {r['b']}**"
     bound = r.get("equivalence_bound_holm", math.nan)
-    return f"no difference larger than {bound:.3g}" if isinstance(bound, float) and math.isfinite(bound) else "within noise"
+    if not (isinstance(bound, float) and math.isfinite(bound)):
+        return "within noise"
+    effect = r.get("effect", math.nan)
+    if isinstance(effect, float) and math.isfinite(effect) and bound > effect:  # the plan called it underpowered
+        return f"cannot tell at this scale: rules out only differences larger than {bound:.3g} (effect worth finding: {effect:g})"
+    return f"no difference larger than {bound:.3g}"
 
 
 def _size(r: pd.Series) -> str:
@@ -299,6 +314,7 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         for name, table in (("comparisons.csv", comp), ("baselines.csv", base)):
             atomic_write_text(out / name, table.to_csv(index=False))
         summary = summary_table(df)
+        comp = with_effects(comp, study.get("effects"))
         lines += _md_findings(comp, alpha)
         lines += _md_main_tables(df, summary)
         lines += _md_comparisons(comp, alpha)
