@@ -310,3 +310,39 @@ def test_a_comparison_that_cannot_rule_out_the_named_effect_says_it_cannot_tell(
     assert any(s.startswith("Cannot tell on paraphrase whether fft and lora differ by the 0.02") for s in said)
     assert any(s.startswith("No difference found on paraphrase") and "macro_f1" in s for s in said)
     assert math.isnan(with_effects(comp.drop(columns="effect"), {"chrf": 1.0})["effect"].iloc[0])
+
+
+def test_a_stage_measured_against_its_reference(tmp_path, tiny_llama):
+    """against_reference: the DPO stage's final model read against its reference (the SFT model) on
+    the dev pairs: the same figures `postlab diagnose` gives for those two checkpoints."""
+    from postlab.diagnose import against_reference
+    from postlab.models import load_lm
+
+    data = write_pairs(tmp_path / "p.tsv", 16)
+    cfg = run_config(tiny_llama, tmp_path / "run", data, epochs=1, eval_at_start=False)
+    cfg["stages"].append({**cfg["stages"][0], "name": "dpo", "objective": {"name": "dpo", "beta": 0.2},
+                          "against_reference": True})
+    result = run(parse_run_config(cfg))
+    got = result["metrics"]
+    assert {"ref_reward_accuracy", "ref_reward_margin", "ref_kl", "accuracy"} <= set(got)
+    assert got["ref_kl"] > 0 and got["ref_pairs"] == 8  # dev_limit 8: the dev pairs
+    policy = load_lm(str(tmp_path / "run" / "1-dpo" / "model"), "cpu", "fp32")
+    reference = load_lm(str(tmp_path / "run" / "0-sft" / "model"), "cpu", "fp32")
+    pairs = get_task(TaskConfig(name="paraphrase", train=str(data), dev=str(data), dev_limit=8)).preference_pairs("dev")
+    assert against_reference(policy, reference, pairs, 0.2, 16, False) == pytest.approx(
+        {k: v for k, v in got.items() if k.startswith("ref_")})
+
+
+def test_against_reference_on_sonnets_samples_held_out_pairs_as_training_does(tmp_path, tiny_llama):
+    lines = ["THE SONNETS", ""]
+    for n in range(1, 9):
+        lines += [str(n), ""] + [f"word {k} of verse {n} and more" for k in range(1, 15)] + [""]
+    path = tmp_path / "s.txt"
+    path.write_text("\n".join(lines))
+    task = {"name": "sonnets", "train": str(path), "validation": 2, "max_completion_tokens": 8,
+            "generation": {"max_new_tokens": 6}, "pairs": {"generation": {"max_new_tokens": 6}}}
+    cfg = run_config(tiny_llama, tmp_path / "run", path, epochs=1, eval_at_start=False, task=task)
+    cfg["stages"][0]["task"] = task
+    cfg["stages"].append({**cfg["stages"][0], "name": "dpo", "objective": {"name": "dpo"}, "against_reference": True})
+    got = run(parse_run_config(cfg))["metrics"]
+    assert got["ref_pairs"] == 2 and 0.0 <= got["ref_reward_accuracy"] <= 1.0 and got["ref_kl"] >= 0

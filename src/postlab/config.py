@@ -137,6 +137,12 @@ class StageConfig(Strict):
     # with a reference or teacher (TRL's disable_dropout: the first DPO step then starts at exactly log 2),
     # on otherwise; true/false to say so.
     disable_dropout: bool | None = None
+    # At the stage's end, also read the model against the stage's reference (`reference`) on held-out
+    # pairs: implicit-reward accuracy and margin (β: the objective's beta, else 0.1) and the mean
+    # KL(π‖πref) per chosen-answer token, as metrics ref_reward_accuracy, ref_reward_margin, ref_kl.
+    # Pairs: the task's dev pairs, or (sonnets) its dev prompts with rejected answers sampled as the
+    # training pairs' are (task.pairs). The reference is loaded from disk for it, after training.
+    against_reference: bool = False
     # ExPO: after training, the stage's weights become θ_start + λ(θ_end − θ_start) (λ > 1
     # extrapolates; evaluated and saved as the stage's model; the trained checkpoint stays as is).
     expo_lambda: float | None = None

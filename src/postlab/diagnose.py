@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from .decoder import decoder_and_head
 from .logprobs import cached_token_logps, decoder_hidden, token_logps
 from .models import LM
 from .objectives import implicit_reward
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 
 @torch.no_grad()
@@ -46,11 +50,9 @@ def position_kl(policy: LM, reference: LM, items: list, batch_size: int) -> tupl
     return total / max(count, 1), count
 
 
-def diagnose(policy: LM, reference: LM, pairs: list[Pair], beta: float, out_dir: Path, batch_size: int = 16,
-             append_eos: bool = True, n_plot: int = 4) -> dict:
-    """Write per_example.jsonl, summary.json and q_view.png to `out_dir`; return the summary."""
-    items, report = tokenize(pairs, policy.tokenizer, policy.max_length, "truncate", append_eos=append_eos,
-                             source="pairs")
+def _reward_rows(policy: LM, reference: LM, items: list, beta: float, batch_size: int) -> tuple[list[dict], list, list]:
+    """Per pair: implicit rewards of the chosen and rejected answers, margin, whether it ranks them
+    right, and the log-probs behind them; with the per-token log-probs (policy, reference)."""
     pol = token_logps(policy, items, batch_size, desc="policy log-probs")
     ref = cached_token_logps(reference, items, "reference", batch_size)
     rows = []
@@ -59,6 +61,51 @@ def diagnose(policy: LM, reference: LM, pairs: list[Pair], beta: float, out_dir:
         rows.append({"id": it.id, "reward_chosen": rc, "reward_rejected": rr, "margin": rc - rr, "correct": rc > rr,
                      "logp_chosen": float(p[0].sum()), "logp_rejected": float(p[1].sum()),
                      "ref_logp_chosen": float(r[0].sum()), "ref_logp_rejected": float(r[1].sum())})
+    return rows, pol, ref
+
+
+def against_reference(policy: LM, reference: LM, pairs: list[Pair], beta: float, batch_size: int = 16,
+                      append_eos: bool = True) -> dict[str, float]:
+    """A trained model read against its reference on held-out pairs (a stage's `against_reference`):
+    implicit-reward accuracy and mean margin, and the mean KL(π‖πref) per chosen-answer token."""
+    items, _ = tokenize(pairs, policy.tokenizer, policy.max_length, "truncate", append_eos=append_eos, source="pairs")
+    rows, _, _ = _reward_rows(policy, reference, items, beta, batch_size)
+    kl, _ = position_kl(policy, reference, items, batch_size)
+    return {"ref_reward_accuracy": sum(r["correct"] for r in rows) / len(rows),
+            "ref_reward_margin": sum(r["margin"] for r in rows) / len(rows), "ref_kl": kl, "ref_pairs": float(len(rows))}
+
+
+def stage_against_reference(lm: LM, cfg: RunConfig, i: int, sdir: Path, task) -> dict[str, float]:
+    """A stage's `against_reference` metrics: its final model against the stage's reference (loaded from
+    disk: the previous stage's model, or the base model) on held-out pairs (postlab.diagnose)."""
+    from .cache import location
+    from .models import load_lm
+    from .preferences import build_pairs, needs_sampler
+
+    stage, m = cfg.stages[i], cfg.model
+    start = str(sdir.parent / f"{i - 1}-{cfg.stages[i - 1].name}" / "model") if i > 0 else m.name
+
+    def loaded(name: str) -> LM:
+        return load_lm(name, m.device, m.precision, m.trust_remote_code, m.max_length)
+
+    reference = loaded(start if stage.reference == "stage-start" else m.name)
+    sampler = None
+    if needs_sampler(task):  # held-out pairs sampled as the training pairs are
+        src = stage.task.pairs.rejected_from
+        name = {"stage-start": start, "base": m.name}.get(src, src)
+        sampler = reference if name == reference.source or (name == start and stage.reference == "stage-start") \
+            else loaded(name)
+    pairs = build_pairs(task, stage.task.pairs, sampler, location("samples"), split="dev")
+    beta = getattr(stage.objective.typed_args, "beta", 0.1)
+    return against_reference(lm, reference, pairs, beta, stage.eval_batch_size, task.append_eos)
+
+
+def diagnose(policy: LM, reference: LM, pairs: list[Pair], beta: float, out_dir: Path, batch_size: int = 16,
+             append_eos: bool = True, n_plot: int = 4) -> dict:
+    """Write per_example.jsonl, summary.json and q_view.png to `out_dir`; return the summary."""
+    items, report = tokenize(pairs, policy.tokenizer, policy.max_length, "truncate", append_eos=append_eos,
+                             source="pairs")
+    rows, pol, ref = _reward_rows(policy, reference, items, beta, batch_size)
     kl, contexts = position_kl(policy, reference, items, batch_size)
     margins = [r["margin"] for r in rows]
     summary = {"pairs": len(rows), "beta": beta,

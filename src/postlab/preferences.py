@@ -145,16 +145,18 @@ def select_rejected(candidates: list[str], truth: str, cfg: PairsConfig,
     return [(j, candidates[j]) for j in scored[:cfg.k]]
 
 
-def build_pairs(task, cfg: PairsConfig, sampler_lm: LM | None, cache_dir: Path) -> list[Pair]:
-    """The training preference pairs of `task` (its own, or built from samples of `sampler_lm`)."""
+def build_pairs(task, cfg: PairsConfig, sampler_lm: LM | None, cache_dir: Path, split: str = "train") -> list[Pair]:
+    """The preference pairs of `task`'s training data (or, with split="dev", of its dev data, held out to
+    measure a model against its reference): its own, or built from samples of `sampler_lm`."""
     if not needs_sampler(task):
-        if cfg != PairsConfig():
+        if cfg != PairsConfig() and split == "train":
             log.warning("task %s has preference pairs of its own; task.pairs settings are ignored", task.name)
-        return task.preference_pairs("train")
+        return task.preference_pairs(split)
     if sampler_lm is None:
         raise ConfigError(f"task {task.name!r} samples its rejected answers: build_pairs needs a sampler model")
     spec = task.sampled_rejected
-    examples = task.train_examples()  # training data only: dev examples never enter pairs
+    # training pairs from training data only: dev examples never enter them
+    examples = task.train_examples() if split == "train" else task.dev_examples()
     samples, _ = sample_completions(sampler_lm, [ex.prompt for ex in examples], cfg, cache_dir, tag=task.name)
     pairs: list[Pair] = []
     same_as_truth = 0

@@ -37,6 +37,7 @@ from .checkpoint import (
 )
 from .config import ModelConfig, RunConfig, StageConfig
 from .data import Tokenized, tokenize
+from .diagnose import stage_against_reference
 from .errors import ConfigError, DataError, PostlabError
 from .logprobs import cached_token_logps
 from .merge import extrapolate_in_place
@@ -377,6 +378,10 @@ def run_stage(lm: LM, cfg: RunConfig, i: int, stage: StageConfig, sdir: Path, me
         summary["metrics"] = evaluate(summary["steps"])
         metrics.write({"stage": stage.name, "split": "dev", "step": summary["steps"], "expo_lambda": stage.expo_lambda,
                        **summary["metrics"]})
+    if stage.against_reference:
+        extra = stage_against_reference(lm, cfg, i, sdir, task)
+        summary["metrics"] = {**summary["metrics"], **extra}
+        metrics.write({"stage": stage.name, "split": "dev", "step": summary["steps"], **extra})
     saves_model = stage.save_model or not last
     if saves_model:  # later stages (and their resumption) start from this model
         with dist.main_only(f"stage {stage.name}: writing its model"):

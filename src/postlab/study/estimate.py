@@ -309,7 +309,9 @@ class _Estimator:
         start_key = m.model_dump_json() + json.dumps(s.task.evaluation_settings(), sort_keys=True)
         start = s.eval_at_start and first and start_key not in self.evaluated
         self.evaluated.add(start_key)
-        expo = int(s.expo_lambda is not None)
+        # an ExPO stage evaluates once more; against_reference scores held-out pairs with two models
+        # (and samples them where the task samples its pairs): about two evaluations
+        expo = int(s.expo_lambda is not None) + 2 * int(s.against_reference)
         if not trains:
             return expo, 0
         between = max(math.ceil(epochs) - 1, 0) + ((steps - 1) // s.eval_every_steps if s.eval_every_steps and steps else 0)
