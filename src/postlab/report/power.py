@@ -225,19 +225,25 @@ def _design_words(rows: list[dict]) -> list[str]:
 
 
 def _effect_words(rows: list[dict], effects: dict[str, float]) -> list[str]:
-    """For each comparison that cannot detect the effect the study names for its metric: what it
-    detects, and how many seeds would (up to 20)."""
-    out = []
+    """For the comparisons that cannot detect the effect the study names for their metric: what they
+    detect, and how many seeds would (up to 20); comparisons alike in design are named together."""
+    groups: dict[tuple, list[str]] = {}
     for r in rows:
         effect, comps, n = effects.get(r["metric"]), r["components"], r["examples"]
         if effect is None or comps is None or not n or not r["detectable"] > effect:
             continue
-        seeds = _seeds_for(comps, n, effect, max(r["seeds"] + 1, 3))
+        key = (r["task"], r["metric"], effect, r["seeds"], n, r["detectable"], (comps.seed, comps.example, comps.residual))
+        groups.setdefault(key, []).append((r["comparison"], comps))
+    out = []
+    for (task, metric, effect, n_seeds, n, detectable, _), named in groups.items():
+        names, comps = [c for c, _ in named], named[0][1]
+        seeds = _seeds_for(comps, n, effect, max(n_seeds + 1, 3))
         would = (f"{seeds} seeds would ({_detectable(comps, seeds, n):.3g})" if seeds else
                  "no number of seeds up to 20 would; more dev examples might")
-        detects = "nothing" if not math.isfinite(r["detectable"]) else f"only |A − B| >= {r['detectable']:.3g}"
-        out.append(f"{r['comparison']} ({r['task']} {r['metric']}): cannot detect the effect you named, {effect:g}: "
-                   f"{r['seeds']} seed{'s' if r['seeds'] != 1 else ''} x {n} detect {detects}; {would}.")
+        detects = "nothing" if not math.isfinite(detectable) else f"only |A − B| >= {detectable:.3g}"
+        which = names[0] if len(names) == 1 else f"{len(names)} comparisons ({names[0]}, ...)"
+        out.append(f"{task} {metric}: {which} cannot detect the effect you named, {effect:g}: "
+                   f"{n_seeds} seed{'s' if n_seeds != 1 else ''} x {n} detect {detects}; {would}.")
     return out
 
 
