@@ -38,6 +38,17 @@ class Pair:
 
 
 @dataclass
+class UnpairedExample:
+    """A prompt and one completion labelled desirable or not (TRL's unpaired format: prompt, completion,
+    label), the data of KTO-style objectives."""
+
+    prompt: str
+    completion: str
+    desirable: bool
+    id: str = ""
+
+
+@dataclass
 class Choices:
     """A prompt with several candidate answers (cloze classification: one per label word)."""
 
@@ -49,8 +60,9 @@ class Choices:
 @dataclass
 class Tokenized:
     prompt: list[int]
-    completions: list[list[int]]  # one for SFT; [chosen, rejected] for pairs
+    completions: list[list[int]]  # one for SFT; [chosen, rejected] for pairs; unpaired: [its own, a partner's]
     id: str = ""
+    label: bool | None = None  # unpaired examples: desirable or not
 
     @property
     def length(self) -> int:
@@ -63,17 +75,19 @@ class TokenizeReport:
     examples: int = 0
 
 
-def tokenize(examples: list[Example] | list[Pair] | list[Choices], tokenizer, max_length: int, overlength: str = "refuse",
-             append_eos: bool = True, source: str = "data",
-             max_completion_tokens: int | None = None) -> tuple[list[Tokenized], TokenizeReport]:
+Examples = list[Example] | list[Pair] | list[Choices] | list[UnpairedExample]
+
+
+def tokenize(examples: Examples, tokenizer, max_length: int, overlength: str = "refuse", append_eos: bool = True,
+             source: str = "data", max_completion_tokens: int | None = None) -> tuple[list[Tokenized], TokenizeReport]:
     """Tokenize prompt and completion(s) separately (so the boundary is exact). Too long: refuse, or
     drop tokens from the start of the prompt, keeping the completion whole."""
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
     out, report = [], TokenizeReport(examples=len(examples))
     too_long: list[tuple[str, int]] = []  # refused: (id, tokens), all reported together
     for i, ex in enumerate(examples):
-        texts = ([ex.completion] if isinstance(ex, Example) else list(ex.answers) if isinstance(ex, Choices)
-                 else [ex.chosen, ex.rejected])
+        texts = ([ex.completion] if isinstance(ex, (Example, UnpairedExample)) else list(ex.answers)
+                 if isinstance(ex, Choices) else [ex.chosen, ex.rejected])
         prompt = tokenizer(ex.prompt, add_special_tokens=False).input_ids
         comps = [(tokenizer(t, add_special_tokens=False).input_ids + eos)[:max_completion_tokens] for t in texts]
         if not prompt:
@@ -93,7 +107,7 @@ def tokenize(examples: list[Example] | list[Pair] | list[Choices], tokenizer, ma
                 continue
             prompt = prompt[-room:]
             report.truncated += 1
-        out.append(Tokenized(prompt, comps, ex.id or str(i)))
+        out.append(Tokenized(prompt, comps, ex.id or str(i), getattr(ex, "desirable", None)))
     if too_long:
         shown = ", ".join(f"{k} ({n} tokens)" for k, n in too_long[:3]) + (", ..." if len(too_long) > 3 else "")
         raise DataError(f"{source}: {len(too_long)} of {len(examples)} examples are longer than the limit of "
