@@ -80,6 +80,29 @@ def nudge(model, seed: int = 1, scale: float = 0.05) -> None:
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
+def killed_at_optimizer_step(cfg, n: int) -> None:
+    """Run `cfg` until its n-th optimizer step raises KeyboardInterrupt (a kill between checkpoints)."""
+    import pytest
+
+    import postlab.train as train_mod
+    from postlab.run import run
+
+    real_step, calls = train_mod.torch.optim.AdamW.step, {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    train_mod.torch.optim.AdamW.step = dying_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+    finally:
+        train_mod.torch.optim.AdamW.step = real_step
+
+
 def final_weights(out: Path, stage: str = "0-sft") -> dict[str, torch.Tensor]:
     """A finished stage's trained weights: its model/ (a full model or an adapter) when it wrote one
     (then its checkpoint is gone), else its checkpoint's trainable weights."""

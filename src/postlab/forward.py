@@ -38,7 +38,9 @@ def objective_inputs(spec: ObjectiveSpec, logps, mask, n_items: int, desirable=N
 def batch_loss(lm: LM, plan: StagePlan, idx: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """(the objective's loss, its metrics, the real tokens of the forward) on items `idx` of the plan: one
     forward of the policy, with the cached inputs the objective declares."""
-    batch = score_batch([plan.items[i] for i in idx], lm.tokenizer.pad_token_id).to(lm.device)
+    o = plan.cfg.optim
+    batch = score_batch([plan.items[i] for i in idx], lm.tokenizer.pad_token_id, pack=o.packing,
+                        pack_length=o.packing_length).to(lm.device)
     cached, at_tokens = plan.inputs.for_batch(idx, batch.n_slots, lm.device)
     logps, mask, own = policy_logps(lm, batch, plan.spec, at_tokens)
     loss, m = plan.spec.fn(objective_inputs(plan.spec, logps, mask, len(idx), **cached, **own), plan.args)
