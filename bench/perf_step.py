@@ -41,10 +41,10 @@ def steps(n: int, precision: str, data: str, ready: Path) -> float:
     from common import case_data
     from postlab.data import length_grouped_batches, score_batch, tokenize
     from postlab.distributed import clip_grad_norm
+    from postlab.forward import objective_inputs
     from postlab.logprobs import score
     from postlab.models import load_lm, own_trainable_weights
     from postlab.objectives import get_objective
-    from postlab.train import objective_inputs
 
     lm = load_lm("smollm2-135m", precision=precision)
     lm.model.train()

@@ -63,6 +63,20 @@ def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def peaky_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    """The tiny Llama with its final norm scaled up: less uniform next-token distributions, for tests whose
+    quantities vanish on a near-uniform model (WPO's pair weights are 1 there; here 0.2-0.4)."""
+    from transformers import AutoModelForCausalLM
+
+    out = build_tiny_model(tmp_path_factory.mktemp("peaky-llama"), "llama", tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(5.0)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory, tokenizer_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", tokenizer_dir)
 

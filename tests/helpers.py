@@ -54,6 +54,55 @@ def split_step_plan(lm, tmp_path: Path, objective: str):
     return StagePlan(cfg, items, tmp_path / "stage", 0, StageInputs(reference=reference))
 
 
+def write_records(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def stage_plan(lm, stage: dict, out: Path, seed: int = 0):
+    """The StagePlan a run would train `stage` (a stage config tree) with from `lm`: its items as the stage
+    builds them and the cached inputs its objective needs (the reference pass of `lm`, in this test's cache)."""
+    from postlab.config import ModelConfig, StageConfig
+    from postlab.stage import StagePlan, stage_inputs, stage_items
+
+    cfg = StageConfig(**stage)
+    _, items = stage_items(lm, cfg)
+    inputs = stage_inputs(lm, ModelConfig(device="cpu", precision="fp32"), cfg, items)
+    return StagePlan(cfg, items, out / cfg.name, seed, inputs)
+
+
+def nudge(model, seed: int = 1, scale: float = 0.05) -> None:
+    """Move every weight by a seeded random amount, the same for any copy of the same model: a policy that
+    has left its reference (the stage's cached one), as after some training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def killed_at_optimizer_step(cfg, n: int) -> None:
+    """Run `cfg` until its n-th optimizer step raises KeyboardInterrupt (a kill between checkpoints)."""
+    import pytest
+
+    import postlab.train as train_mod
+    from postlab.run import run
+
+    real_step, calls = train_mod.torch.optim.AdamW.step, {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    train_mod.torch.optim.AdamW.step = dying_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+    finally:
+        train_mod.torch.optim.AdamW.step = real_step
+
+
 def final_weights(out: Path, stage: str = "0-sft") -> dict[str, torch.Tensor]:
     """A finished stage's trained weights: its model/ (a full model or an adapter) when it wrote one
     (then its checkpoint is gone), else its checkpoint's trainable weights."""

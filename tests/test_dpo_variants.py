@@ -111,20 +111,65 @@ def test_ld_dpo_limits():
     assert_close(ours("dpo", same, ld_alpha=0.2)[0], ours("dpo", same)[0])
 
 
-def test_wpo_declares_its_input_and_is_refused_until_the_stage_provides_it():
+def test_wpo_declares_its_input_and_the_stage_accepts_it():
     """WPO's weights need log Σ_v π(v)² over the whole vocabulary at each position: declared through the
-    spec (``needs_log_sum_sq_probs``), refused at config validation while the stage does not prepare it
-    (stage wiring left to do: when it does, set base.STAGE_FEEDS.log_sum_sq_probs and this test changes)."""
+    spec (``needs_log_sum_sq_probs``), which the stage prepares (base.STAGE_FEEDS.log_sum_sq_probs), so a
+    config with ``wpo: true`` validates; a loss called without the input says what it lacks."""
     for name in ["dpo", "ipo", "rpo", "ddpo", *NEW]:
         spec = get_objective(name)
         assert not spec.needs_log_sum_sq_probs
         assert spec.for_args(spec.args(wpo=True)).needs_log_sum_sq_probs
-        with pytest.raises(ConfigError, match="log Σ_v π"):
-            parse_args(spec, {"wpo": True})
+        assert parse_args(spec, {"wpo": True}).wpo
     x = make_pair(seed=4)
     x.chosen.log_sum_sq_probs = None
     with pytest.raises(ValueError, match="log_sum_sq_probs"):
         ours("dpo", x, wpo=True)
+
+
+PAIRS = [  # answers of different lengths
+    ("Is the sky blue?", " Yes, the sky is blue on a clear day.", " No."),
+    ("Is fire cold?", " No, fire is hot.", " Yes, fire is very cold, colder than ice."),
+    ("Do fish swim?", " Yes.", " No, fish never swim in water at all."),
+    ("Can birds fly?", " Most birds can fly.", " No bird has ever flown."),
+]
+
+
+@pytest.mark.parametrize("name,loss_types", [("dpo", ["sigmoid"]), ("ipo", ["ipo"]), ("apo_zero", ["apo_zero"])])
+def test_a_wpo_stage_batch_equals_trl_use_weighting_on_the_model(name, loss_types, peaky_llama, tmp_path):
+    """fp32, CPU. postlab's stage (its tokenized pairs, its reference pass, one forward of the loop with log Σπ²
+    from its chunked head) against TRL's ``DPOTrainer._compute_loss`` with ``use_weighting`` on the same model,
+    whose policy, reference and log Σπ² forwards are TRL's fused head: equal loss, reward metrics and
+    gradients. The model's distributions are peaked, so the pair weights are far from 1 (else WPO would be
+    plain DPO and the comparison would not see the weights)."""
+    from helpers import nudge, stage_plan, write_records
+    from postlab.forward import batch_loss
+    from postlab.models import load_lm
+    from trl_harness import fused_model, trl_dpo_model
+
+    lm = load_lm(str(peaky_llama), device="cpu", precision="fp32")
+    data = write_records(tmp_path / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS])
+    plan = stage_plan(lm, {"name": "dpo", "task": {"name": "file", "train": str(data)},
+                           "objective": {"name": name, "beta": 0.5, "wpo": True}}, tmp_path)
+    idx = list(range(len(plan.items)))
+    nudge(lm.model)  # the policy some steps after the stage's start (its reference)
+    loss, m, _ = batch_loss(lm, plan, idx)
+    loss.backward()
+    policy = fused_model(peaky_llama)
+    nudge(policy)
+    ref_loss, ref_m = trl_dpo_model(policy, fused_model(peaky_llama), plan.items, lm.tokenizer.pad_token_id,
+                                    loss_types, beta=0.5, use_weighting=True)
+    ref_loss.backward()
+    assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for k in METRICS:
+        assert m[k].item() == pytest.approx(ref_m[TRL_NAME.get(k, k)], rel=1e-4, abs=1e-5), k
+    grads = dict(policy.named_parameters())
+    for n, p in lm.model.named_parameters():  # to fp32 round-off relative to each gradient's scale
+        assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-5 * float(grads[n].grad.abs().max()))
+    plain = stage_plan(lm, {"name": "dpo", "task": {"name": "file", "train": str(data)},
+                            "objective": {"name": name, "beta": 0.5}}, tmp_path)
+    with torch.no_grad():
+        unweighted = batch_loss(lm, plain, idx)[0]
+    assert abs(unweighted - loss) > 0.05 * abs(unweighted)  # the weights count
 
 
 def test_wpo_weights_are_constants_and_one_for_certain_tokens():

@@ -138,7 +138,7 @@ def test_validating_the_new_objectives_imports_no_torch(tmp_path):
         "from postlab.errors import ConfigError",
         "for name in REGISTRY:",
         "    try: ObjectiveConfig(name=name)",
-        "    except Exception: pass",  # kto is refused (not trainable yet), mix needs terms: validated all the same
+        "    except Exception: pass",  # mix needs terms: validated all the same
         "ObjectiveConfig(name='mix', terms=[{'name': 'dpo', 'ld_alpha': 0.5}, {'name': 'nll'}], weights=[1, 0.1])",
         "print('TORCH', 'torch' in sys.modules)"])
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

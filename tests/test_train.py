@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import final_weights, run_config, write_pairs
+from helpers import final_weights, killed_at_optimizer_step, run_config, write_pairs
 from postlab.config import StageConfig, TaskConfig, parse_run_config
 from postlab.data import Example, tokenize
 from postlab.models import load_lm
@@ -57,26 +57,6 @@ def test_lora_trains_only_adapter_and_keeps_base_bit_identical(tiny_llama, tmp_p
         key = next(k for k in state if k.replace(".base_layer", "") == name)
         assert torch.equal(state[key], t), name
     assert result["stages"][0]["parameterization"] == "lora"
-
-
-def killed_at_optimizer_step(cfg, n: int) -> None:
-    """Run `cfg` until its n-th optimizer step raises KeyboardInterrupt (a kill between checkpoints)."""
-    import postlab.train as train_mod
-
-    real_step, calls = train_mod.torch.optim.AdamW.step, {"n": 0}
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    train_mod.torch.optim.AdamW.step = dying_step
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(cfg)
-    finally:
-        train_mod.torch.optim.AdamW.step = real_step
 
 
 def test_resumed_run_matches_uninterrupted(tiny_llama, tmp_path, precision):

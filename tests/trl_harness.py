@@ -143,3 +143,65 @@ def trl_kto(x: UnpairedLogps, beta: float, loss_type: str = "kto", desirable_wei
                      KL_completion_mask=_with_prompt_token(mis.mask), ref_KL_logps=mis.sum("reference"))
     loss = tr._compute_loss(model, batch, return_outputs=False)
     return loss, {k: v[-1] for k, v in tr._metrics["train"].items()}
+
+
+# ---- TRL's trainers on a real (tiny) model: the policy and reference forwards are TRL's own ---------------
+
+FUSED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+def fused_model(path):
+    """A fresh fp32 copy of the model at `path` with TRL's fused LM head (as TRL's trainers patch theirs)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    add_fused_lm_head(model, outputs=FUSED_OUTPUTS)
+    return model
+
+
+def trl_rows(prompts: list[list[int]], completions: list[list[int]], pad: int) -> dict:
+    """TRL's collated rows: prompt + completion right-padded, with the attention and completion masks."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    width = max(map(len, seqs))
+
+    def padded(rows, value):
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+    return {"input_ids": padded(seqs, pad), "attention_mask": padded([[1] * len(s) for s in seqs], 0),
+            "completion_mask": padded([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0)}
+
+
+def trl_dpo_model(policy, reference, items, pad: int, loss_types: list[str], beta: float, use_weighting=False):
+    """TRL's ``DPOTrainer._compute_loss`` on tokenized pairs (postlab's Tokenized: prompt, [chosen, rejected]),
+    policy and reference forwards by TRL's fused head. Returns (loss, last metrics)."""
+    from trl import DPOTrainer
+
+    prompts = [it.prompt for it in items] * 2
+    inputs = trl_rows(prompts, [it.completions[0] for it in items] + [it.completions[1] for it in items], pad)
+    tr = _trainer(DPOTrainer, model=policy, ref_model=reference, ld_alpha=None, precompute_ref_logps=False,
+                  f_divergence_type="reverse_kl", loss_types=loss_types, loss_weights=[1.0] * len(loss_types),
+                  beta=beta, label_smoothing=0.0, use_weighting=use_weighting,
+                  args=SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None))
+    policy.train()  # (TRL logs under "train" when its model trains)
+    loss = tr._compute_loss(policy, inputs, return_outputs=False)
+    return loss, {k: v[-1] for k, v in tr._metrics["train"].items()}
+
+
+def trl_kto_model(policy, reference, items, pad: int, beta: float, loss_type: str = "kto"):
+    """TRL's ``KTOTrainer._compute_loss`` on tokenized unpaired items (postlab's Tokenized: prompt, [its own
+    completion, its partner's], label), the partner's completion as TRL's ``KL_completion_ids``; policy,
+    reference and KL forwards by TRL's fused head. Returns (loss, last metrics)."""
+    from trl import KTOTrainer
+
+    prompts = [it.prompt for it in items]
+    batch = trl_rows(prompts, [it.completions[0] for it in items], pad)
+    if loss_type == "kto":
+        batch.update({f"KL_{k}": v for k, v in trl_rows(prompts, [it.completions[1] for it in items], pad).items()})
+    batch["label"] = torch.tensor([bool(it.label) for it in items])
+    tr = _trainer(KTOTrainer, model=policy, ref_model=reference, calculate_KL=loss_type == "kto",
+                  precompute_ref_logps=False, loss_type=loss_type, beta=beta, desirable_weight=1.0,
+                  undesirable_weight=1.0, args=SimpleNamespace(gradient_checkpointing_kwargs=None))
+    policy.train()
+    loss = tr._compute_loss(policy, batch, return_outputs=False)
+    return loss, {k: v[-1] for k, v in tr._metrics["train"].items()}

@@ -68,6 +68,12 @@ class OptimConfig(Strict):
     # accumulated into the same step: exact for losses that are means over pairs, and it keeps a
     # DPO stage's activation memory at the SFT stage's (bench/dpo_memory.py).
     forward_rows: int | None = Field(None, gt=0)
+    # SFT: each forward's examples packed into rows (best-fit decreasing) of at most max(packing_length,
+    # its longest example) tokens, each example attending only to itself at its own positions (a
+    # block-diagonal mask). A step trains on the same examples with the same loss: only the layout
+    # changes, so fewer padding tokens run through the model (bench/packing.py).
+    packing: bool = False
+    packing_length: int | None = Field(None, gt=0)
 
 
 class ObjectiveConfig(BaseModel):
@@ -146,6 +152,16 @@ class StageConfig(Strict):
     # ExPO: after training, the stage's weights become θ_start + λ(θ_end − θ_start) (λ > 1
     # extrapolates; evaluated and saved as the stage's model; the trained checkpoint stays as is).
     expo_lambda: float | None = None
+
+    @model_validator(mode="after")
+    def _packing_for_sft(self) -> "StageConfig":
+        kind = self.objective.spec.kind
+        if self.optim.packing and kind != "sft":
+            raise ValueError(f"optim.packing packs SFT examples, but objective {self.objective.name} trains on "
+                             f"{kind} items (their answers share rows or are scored side by side); drop optim.packing")
+        if self.optim.packing_length is not None and not self.optim.packing:
+            raise ValueError("optim.packing_length is the length of packed rows; set optim.packing: true too")
+        return self
 
 
 class RunConfig(Strict):

@@ -38,6 +38,17 @@ class Pair:
 
 
 @dataclass
+class UnpairedExample:
+    """A prompt and one completion labelled desirable or not (TRL's unpaired format: prompt, completion,
+    label), the data of KTO-style objectives."""
+
+    prompt: str
+    completion: str
+    desirable: bool
+    id: str = ""
+
+
+@dataclass
 class Choices:
     """A prompt with several candidate answers (cloze classification: one per label word)."""
 
@@ -49,8 +60,9 @@ class Choices:
 @dataclass
 class Tokenized:
     prompt: list[int]
-    completions: list[list[int]]  # one for SFT; [chosen, rejected] for pairs
+    completions: list[list[int]]  # one for SFT; [chosen, rejected] for pairs; unpaired: [its own, a partner's]
     id: str = ""
+    label: bool | None = None  # unpaired examples: desirable or not
 
     @property
     def length(self) -> int:
@@ -63,17 +75,19 @@ class TokenizeReport:
     examples: int = 0
 
 
-def tokenize(examples: list[Example] | list[Pair] | list[Choices], tokenizer, max_length: int, overlength: str = "refuse",
-             append_eos: bool = True, source: str = "data",
-             max_completion_tokens: int | None = None) -> tuple[list[Tokenized], TokenizeReport]:
+Examples = list[Example] | list[Pair] | list[Choices] | list[UnpairedExample]
+
+
+def tokenize(examples: Examples, tokenizer, max_length: int, overlength: str = "refuse", append_eos: bool = True,
+             source: str = "data", max_completion_tokens: int | None = None) -> tuple[list[Tokenized], TokenizeReport]:
     """Tokenize prompt and completion(s) separately (so the boundary is exact). Too long: refuse, or
     drop tokens from the start of the prompt, keeping the completion whole."""
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
     out, report = [], TokenizeReport(examples=len(examples))
     too_long: list[tuple[str, int]] = []  # refused: (id, tokens), all reported together
     for i, ex in enumerate(examples):
-        texts = ([ex.completion] if isinstance(ex, Example) else list(ex.answers) if isinstance(ex, Choices)
-                 else [ex.chosen, ex.rejected])
+        texts = ([ex.completion] if isinstance(ex, (Example, UnpairedExample)) else list(ex.answers)
+                 if isinstance(ex, Choices) else [ex.chosen, ex.rejected])
         prompt = tokenizer(ex.prompt, add_special_tokens=False).input_ids
         comps = [(tokenizer(t, add_special_tokens=False).input_ids + eos)[:max_completion_tokens] for t in texts]
         if not prompt:
@@ -93,7 +107,7 @@ def tokenize(examples: list[Example] | list[Pair] | list[Choices], tokenizer, ma
                 continue
             prompt = prompt[-room:]
             report.truncated += 1
-        out.append(Tokenized(prompt, comps, ex.id or str(i)))
+        out.append(Tokenized(prompt, comps, ex.id or str(i), getattr(ex, "desirable", None)))
     if too_long:
         shown = ", ".join(f"{k} ({n} tokens)" for k, n in too_long[:3]) + (", ..." if len(too_long) > 3 else "")
         raise DataError(f"{source}: {len(too_long)} of {len(examples)} examples are longer than the limit of "
@@ -140,7 +154,8 @@ class ScoreBatch:
     # the batch is built, so scoring needs no device read and a compiled forward no Python call.
     chunk_starts: list[int] = field(default_factory=list)
     # Rows that hold a prompt and several answers after it (see score_batch): each token's segment (0 the
-    # prompt, k + 1 answer k, -1 padding) and position; None when every row is one plain sequence.
+    # prompt, k + 1 answer k, -1 padding) and position; or packed rows of whole sequences (segments 1, 2,
+    # ..., positions restarting at each); None when every row is one plain sequence.
     segments: torch.Tensor | None = None  # [rows, L]
     position_ids: torch.Tensor | None = None  # [rows, L]
 
@@ -152,8 +167,9 @@ class ScoreBatch:
 
     def attention_mask(self) -> torch.Tensor:
         """The 4D boolean mask of the forward pass, built on the device: causal and, in shared rows, an
-        answer sees the prompt and itself, never another answer. Rows are right-padded, so a real token
-        never sees padding under the causal mask."""
+        answer sees the prompt and itself, never another answer; in packed rows (no segment 0) a sequence
+        sees itself only: block-diagonal. Rows are right-padded, so a real token never sees padding under
+        the causal mask."""
         L = self.input_ids.shape[1]
         causal = torch.ones(L, L, dtype=torch.bool, device=self.input_ids.device).tril_()[None, None]
         if self.segments is None:
@@ -226,65 +242,151 @@ def _shared_rows(items: list[Tokenized]) -> list[list[int]]:
     return [it.prompt + [t for c in it.completions for t in c[:-1]] for it in items]
 
 
-def score_batch(items: list[Tokenized], pad_id: int, share_prompt: bool | None = None) -> ScoreBatch:
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: the sequences (indices into `lengths`), longest first, each into the row whose
+    room left is the smallest that holds it, else a new row; a row's lengths sum to at most `capacity` (a
+    longer sequence gets a row of its own). Deterministic: ties go to the earlier sequence and row."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [r for r in range(len(rows)) if room[r] >= lengths[i]]
+        if fits:
+            best = min(fits, key=lambda r: room[r])
+            rows[best].append(i)
+            room[best] -= lengths[i]
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def _packed(groups: list[list[int]], lengths: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segments, positions) [rows, width] of packed rows: the j-th sequence of a row is segment j + 1
+    (-1 padding) and its positions restart at 0."""
+    seg = [[-1] * width for _ in groups]
+    pos = [[0] * width for _ in groups]
+    for row, group in enumerate(groups):
+        at = 0
+        for j, r in enumerate(group):
+            seg[row][at:at + lengths[r]] = [j + 1] * lengths[r]
+            pos[row][at:at + lengths[r]] = range(lengths[r])
+            at += lengths[r]
+    return torch.tensor(seg, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
+
+
+def _shares_rows(items: list[Tokenized], separate: list[list[int]], share_prompt: bool | None) -> bool:
+    """Whether an item's answers share its prompt's row (see score_batch)."""
+    if len(items[0].completions) == 1:
+        return False
+    if rows_per_item(items) == 1:
+        return True
+    return _cost(_shared_rows(items)) < _cost(separate) if share_prompt is None else share_prompt
+
+
+def _pack(separate: list[list[int]], pack_length: int | None) -> list[list[int]] | None:
+    """The sequences of each packed row, or None where no row would hold two. The rows are padded to the
+    longest, so where the same number of rows fits into shorter ones (balanced, ~ tokens / rows each) those
+    are taken: fewer padding tokens and a shorter attention span."""
+    lengths = [len(x) for x in separate]
+    groups = pack_rows(lengths, max(pack_length or 0, max(lengths)))
+    width = max(sum(lengths[r] for r in g) for g in groups)
+    low = max(max(lengths), -(-sum(lengths) // len(groups)))  # no fewer rows can be shorter than this
+    for cap in range(low, width, max(1, (width - low) // 8)):  # the shortest of a few widths that keeps the rows
+        tighter = pack_rows(lengths, cap)
+        if len(tighter) == len(groups):
+            groups = tighter
+            break
+    return groups if len(groups) < len(separate) else None
+
+
+def _placed(separate: list[list[int]], groups: list[list[int]]):
+    """(the packed rows' tokens, each sequence's (row, offset))."""
+    where = [(0, 0)] * len(separate)
+    for row, g in enumerate(groups):
+        at = 0
+        for r in g:
+            where[r] = (row, at)
+            at += len(separate[r])
+    return [[t for r in g for t in separate[r]] for g in groups], where
+
+
+def _separate_entries(items: list[Tokenized], where: list[tuple[int, int]], L: int):
+    """(hidden indices, entries) of sequences that each hold a prompt and one answer, answer r at
+    (row, offset) where[r]: completion-major, in the same order however they are placed."""
+    hidden: list[int] = []
+    entries: list[tuple[int, int, int, int]] = []  # (hidden idx, target, answer, slot)
+    B = len(items)
+    for k in range(len(items[0].completions)):
+        for b, it in enumerate(items):
+            r = k * B + b
+            row, start = where[r][0], where[r][1] + len(it.prompt)
+            for s, tok in enumerate(it.completions[k]):
+                hidden.append(row * L + start + s - 1)
+                entries.append((len(hidden) - 1, tok, r, s))
+    return hidden, entries
+
+
+def _shared_entries(items: list[Tokenized], L: int):
+    """(hidden indices, entries, segments, positions) of rows that hold a prompt and its answers."""
+    B = len(items)
+    hidden: list[int] = []
+    entries: list[tuple[int, int, int, int]] = []  # (hidden idx, target, answer, slot)
+    segments = torch.full((B, L), -1, dtype=torch.long)
+    positions = torch.zeros((B, L), dtype=torch.long)
+    for b, it in enumerate(items):
+        P = len(it.prompt)
+        segments[b, :P] = 0
+        positions[b, :P] = torch.arange(P)
+        hidden.append(b * L + P - 1)  # the prompt's last position predicts every answer's first token
+        first = len(hidden) - 1
+        entries += [(first, comp[0], k * B + b, 0) for k, comp in enumerate(it.completions)]
+        at = P
+        for k, comp in enumerate(it.completions):
+            n = len(comp) - 1
+            segments[b, at:at + n] = k + 1
+            positions[b, at:at + n] = torch.arange(P, P + n)
+            for s in range(1, len(comp)):
+                hidden.append(b * L + at + s - 1)
+                entries.append((len(hidden) - 1, comp[s], k * B + b, s))
+            at += n
+    if rows_per_item(items) == 1:
+        return hidden, entries, None, None  # prompt-only rows: plain causal sequences
+    return hidden, entries, segments, positions
+
+
+def score_batch(items: list[Tokenized], pad_id: int, share_prompt: bool | None = None, pack: bool = False,
+                pack_length: int | None = None) -> ScoreBatch:
     """Answers are ordered completion-major: for pairs, answers [0, B) are chosen and [B, 2B) rejected.
 
     An item's answers share one row when that is cheaper (`share_prompt` None), or when told: the prompt
     runs once and each answer follows it, seeing the prompt and itself only (attention_mask()), at the
     positions it would have alone, so its log-probs are those of its own sequence. One-token answers
     (" yes"/" no") always share: their row is the prompt and one row of logits serves both. Otherwise
-    each answer has a row of its own (prompt + answer).
+    each answer has a row of its own (prompt + answer), or with `pack` the sequences (prompt + answer)
+    are packed into rows of at most max(`pack_length`, the longest sequence) tokens (`pack_rows`), each
+    seeing only itself, at its own positions: the same scored entries, in the same order, as unpacked.
     """
     n_comp = len(items[0].completions)
-    B = len(items)
     separate = [it.prompt + it.completions[k] for k in range(n_comp) for it in items]
-    if n_comp == 1:
-        shared = False
-    elif rows_per_item(items) == 1:
-        shared = True
-    elif share_prompt is None:
-        shared = _cost(_shared_rows(items)) < _cost(separate)
-    else:
-        shared = share_prompt
-    rows = _shared_rows(items) if shared else separate
+    shared = _shares_rows(items, separate, share_prompt)
+    groups = _pack(separate, pack_length) if pack and not shared else None
+    if shared:
+        rows = _shared_rows(items)
+    elif groups is not None:
+        rows, where = _placed(separate, groups)
+    else:  # (also when nothing packs: the plain layout, rows in order)
+        rows, where = separate, [(r, 0) for r in range(len(separate))]
     ids = _pad_rows(rows, pad_id)
     L = ids.shape[1]
-    hidden: list[int] = []
-    entries: list[tuple[int, int, int, int]] = []  # (hidden idx, target, answer, slot)
-    segments = positions = None
     if shared:
-        segments = torch.full((B, L), -1, dtype=torch.long)
-        positions = torch.zeros((B, L), dtype=torch.long)
-        for b, it in enumerate(items):
-            P = len(it.prompt)
-            segments[b, :P] = 0
-            positions[b, :P] = torch.arange(P)
-            hidden.append(b * L + P - 1)  # the prompt's last position predicts every answer's first token
-            first = len(hidden) - 1
-            entries += [(first, comp[0], k * B + b, 0) for k, comp in enumerate(it.completions)]
-            at = P
-            for k, comp in enumerate(it.completions):
-                n = len(comp) - 1
-                segments[b, at:at + n] = k + 1
-                positions[b, at:at + n] = torch.arange(P, P + n)
-                for s in range(1, len(comp)):
-                    hidden.append(b * L + at + s - 1)
-                    entries.append((len(hidden) - 1, comp[s], k * B + b, s))
-                at += n
-        if rows_per_item(items) == 1:
-            segments = positions = None  # prompt-only rows: plain causal sequences
+        hidden, entries, segments, positions = _shared_entries(items, L)
     else:
-        for k in range(n_comp):
-            for b, it in enumerate(items):
-                r = k * B + b
-                start = len(it.prompt)
-                for s, tok in enumerate(it.completions[k]):
-                    hidden.append(r * L + start + s - 1)
-                    entries.append((len(hidden) - 1, tok, r, s))
+        hidden, entries = _separate_entries(items, where, L)
+        segments, positions = (None, None) if groups is None else _packed(groups, [len(x) for x in separate], L)
     e = torch.tensor(entries, dtype=torch.long)
     n_slots = max(len(c) for it in items for c in it.completions)
     return ScoreBatch(ids, torch.tensor(hidden, dtype=torch.long), e[:, 0], e[:, 1], e[:, 2], e[:, 3],
-                      n_answers=n_comp * B, n_slots=n_slots, n_tokens=sum(len(r) for r in rows),
+                      n_answers=n_comp * len(items), n_slots=n_slots, n_tokens=sum(len(r) for r in rows),
                       ids=[it.id for it in items],
                       chunk_starts=_chunk_starts([x[0] for x in entries], len(hidden), CHUNK_ROWS),
                       segments=segments, position_ids=positions)

@@ -51,23 +51,31 @@ def _logits(head: torch.nn.Module, h: torch.Tensor, rows: torch.Tensor, targets:
 
 def _target_logps(head: torch.nn.Module, h: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
     """(log-probs of `targets` at `rows`, the log-sum-exp at rows [len(rows), 1], a function giving
-    the logits at rows [len(rows), vocab])."""
+    the logits at rows [len(rows), vocab], a function giving log Σ_v π(v)² at rows [len(rows)])."""
     logits, v = _logits(head, h, rows, targets)
     lse = logits.logsumexp(v)
     tok = (logits[rows, targets] if v else logits[targets, rows]) - lse[rows]
-    return tok, lse[rows, None], lambda: logits[rows] if v else logits[:, rows].t()
+
+    def log_sum_sq() -> torch.Tensor:
+        # log Σ_v π(v)² = logsumexp(2·logits) − 2·logsumexp(logits): WPO's weights, a constant (no gradient).
+        # Unchanged by the shift _logits may add to a row's logits.
+        with torch.no_grad():
+            return ((2 * logits.detach()).logsumexp(v) - 2 * lse.detach())[rows]
+
+    return tok, lse[rows, None], lambda: logits[rows] if v else logits[:, rows].t(), log_sum_sq
 
 
 def _chunk_logps(head: torch.nn.Module, h: torch.Tensor, local_hidden: torch.Tensor, targets: torch.Tensor,
-                 at: torch.Tensor | None = None):
+                 at: torch.Tensor | None = None, log_sum_sq: bool = False):
     """Log-probs of `targets` at rows `local_hidden` of this chunk; with `at` ([entries, k] token ids)
-    also the log-probs of those tokens at the same rows."""
-    tok, lse, logits = _target_logps(head, h, local_hidden, targets)
-    return tok if at is None else (tok, logits().gather(-1, at) - lse)
+    also the log-probs of those tokens at the same rows; with `log_sum_sq` also log Σ_v π(v)² there."""
+    tok, lse, logits, sum_sq = _target_logps(head, h, local_hidden, targets)
+    out = (tok, *(() if at is None else (logits().gather(-1, at) - lse,)), *((sum_sq(),) if log_sum_sq else ()))
+    return out if len(out) > 1 else tok
 
 
 def _chunk_topk(head: torch.nn.Module, h: torch.Tensor, local_hidden: torch.Tensor, targets: torch.Tensor, k: int):
-    tok, lse, logits = _target_logps(head, h, local_hidden, targets)
+    tok, lse, logits, _ = _target_logps(head, h, local_hidden, targets)
     values, index = logits().topk(k, dim=-1)
     return tok, values - lse, index
 
@@ -115,14 +123,17 @@ def _mask(batch: ScoreBatch, device) -> torch.Tensor:
     return mask
 
 
-def score(lm: LM, batch: ScoreBatch, chunk_rows: int = CHUNK_ROWS, at: torch.Tensor | None = None):
+def score(lm: LM, batch: ScoreBatch, chunk_rows: int = CHUNK_ROWS, at: torch.Tensor | None = None,
+          log_sum_sq: bool = False):
     """Return (log-probs [answers, slots] in fp32, mask [answers, slots] bool). With `at`
     ([answers, slots, k] token ids, e.g. a cached top-k of the reference or teacher), also the
-    log-probs of those tokens at each completion position: a third output [answers, slots, k]."""
+    log-probs of those tokens at each completion position: a next output [answers, slots, k]. With
+    `log_sum_sq`, last, log Σ_v π(v|s_t)² over the whole vocabulary at each completion position
+    [answers, slots] (0 at padding), without gradient: WPO's weights (TRL's ``log_sum_sq_probs``)."""
     extra = None if at is None else at[batch.entry_answer, batch.entry_slot]
-    outs = _score_chunks(lm, batch, chunk_rows, _chunk_logps, extra)
+    outs = _score_chunks(lm, batch, chunk_rows, _chunk_logps, extra, log_sum_sq=log_sum_sq)
     logps, mask = _layout(batch, outs[0]), _mask(batch, outs[0].device)
-    return (logps, mask) if at is None else (logps, mask, _layout(batch, outs[1]))
+    return (logps, mask, *(_layout(batch, o) for o in outs[1:]))
 
 
 @torch.no_grad()

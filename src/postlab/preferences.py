@@ -1,4 +1,4 @@
-"""Preference pairs for a stage: the one place that builds them.
+"""Preference data for a stage, paired or unpaired: the one place that builds it.
 
 Tasks with pairs of their own (a label task: chosen = the right answer; file: prompt/chosen/rejected
 records) give them through ``task.preference_pairs("train")``. Tasks that declare
@@ -20,6 +20,11 @@ Draw j (0-based) of every prompt comes from one ``generate`` call over all promp
 draws of a larger k (or n) are the draws of a smaller one. A sample equal to the true completion
 (possible after SFT memorizes the data) makes no pair and is counted in a warning.
 
+Unpaired examples (KTO: completions labelled desirable or not) are the task's own
+(``task.unpaired_examples``), or for a task whose rejected answers are sampled its pairs built here,
+unpaired (``build_unpaired``). Where the objective needs a KL baseline, each tokenized item gets a
+second completion, another item's (``with_mismatched``): its mismatched pair.
+
 Raw samples are cached as JSON under ``cache_dir`` (atomic write), keyed by a sha256 of the
 sampler's weights, its tokenizer's vocabulary, its compute precision and device type, the prompts,
 the generation settings, the strategy, k and n. The same key reuses the file ("reusing cached
@@ -35,9 +40,10 @@ from typing import TYPE_CHECKING, Callable
 
 from .checkpoint import atomic_write_json
 from .config import PairsConfig
-from .data import Pair
+from .data import Pair, Tokenized, UnpairedExample
 from .errors import ConfigError, DataError
 from .lazy import lazy
+from .tasks.base import unpair
 
 if TYPE_CHECKING:
     from .models import LM
@@ -173,3 +179,59 @@ def build_pairs(task, cfg: PairsConfig, sampler_lm: LM | None, cache_dir: Path, 
     if not pairs:
         raise DataError(f"task {task.name}: every sampled answer equals the true completion; no preference pairs")
     return pairs
+
+
+def build_unpaired(task, cfg: PairsConfig, sampler_lm: LM | None, cache_dir: Path) -> list[UnpairedExample]:
+    """The training examples of an unpaired (KTO) stage: the task's own, or for a task whose rejected
+    answers are sampled (sonnets) the pairs `build_pairs` makes, unpaired (chosen desirable, rejected not)."""
+    if needs_sampler(task):
+        return unpair(build_pairs(task, cfg, sampler_lm, cache_dir))
+    return task.unpaired_examples("train")
+
+
+# The order partners are drawn from: the same for every run seed, so runs that differ only in their seed
+# share the reference pass of their (identical) items.
+PARTNER_SEED = 0
+
+
+def with_mismatched(items: list[Tokenized], max_length: int, seed: int = PARTNER_SEED) -> list[Tokenized]:
+    """Each unpaired item with a second completion, its partner's, to be scored after its own prompt: the
+    mismatched pair (x_i, y'_i) of KTO's KL baseline. Partners are fixed here, once: a rotation by one of a
+    seeded shuffle of the items (each completion is one item's partner), the shuffle repaired by swaps so
+    that no item's partner has its prompt (`_rotation`). A partner's completion is cut to fit the item's
+    prompt within `max_length`.
+
+    TRL 1.16 rotates completions by one within consecutive chunks of per_device_train_batch_size examples
+    of the dataset order, also once, before training (its sampler then shuffles, with transformers >= 5.2),
+    and does not avoid a partner with the same prompt. Given the mismatched pairs, the loss is TRL's."""
+    order = _rotation([it.prompt for it in items], seed)
+    out: list[Tokenized] = list(items)
+    for j, i in enumerate(order):
+        prompt = items[i].prompt
+        partner = items[order[j - 1]].completions[0][:max(1, max_length - len(prompt))]
+        out[i] = Tokenized(prompt, [items[i].completions[0], partner], items[i].id, items[i].label)
+    return out
+
+
+def _rotation(prompts: list, seed: int) -> list[int]:
+    """A seeded order of the items in which neighbours (cyclically) have different prompts where swaps can
+    make it so: a shuffle, then each clash (an item after one with its prompt) swapped away with the first
+    position that leaves all four neighbourhoods it touches clash-free."""
+    import random
+
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    n = len(order)
+
+    def clash(j: int) -> bool:
+        return n > 1 and prompts[order[j % n]] == prompts[order[j % n - 1]]
+
+    for j in range(n):
+        if not clash(j):
+            continue
+        for k in range(n):
+            order[j], order[k] = order[k], order[j]
+            if not any(clash(x) for x in (j, j + 1, k, k + 1)):
+                break
+            order[j], order[k] = order[k], order[j]
+    return order

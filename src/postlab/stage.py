@@ -44,7 +44,7 @@ from .merge import extrapolate_in_place
 from .models import LM, load_lm
 from .objectives import ObjectiveArgs, ObjectiveSpec
 from .parameterizations import adapter_of, count_parameters, describe, prepare, save_model
-from .preferences import build_pairs, needs_sampler
+from .preferences import build_pairs, build_unpaired, needs_sampler, with_mismatched
 from .runlog import MetricsLog, read_jsonl
 from .tasks import evaluate_task, get_task, records_fingerprint, training_task
 from .train import train_stage
@@ -79,13 +79,16 @@ class StageInputs:
     reference: list[list[torch.Tensor]] | None = None
     teacher: list[list[torch.Tensor]] | None = None
     topk: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None
+    labels: list[bool] | None = None  # unpaired items: desirable or not
 
     def for_batch(self, idx: list[int], n_slots: int, device: torch.device) -> tuple[dict, torch.Tensor | None]:
-        """(the objective's cached fields laid out like the batch's log-probs, the top-k token ids to
-        score the policy at, or None)."""
+        """(the objective's cached fields laid out like the batch's log-probs, and `desirable` [items]
+        for unpaired items; the top-k token ids to score the policy at, or None)."""
         # non_blocking: a blocking copy to a GPU waits for the device to finish the work queued so far
         cached = {name: cached_logps(c, idx, n_slots).to(device, non_blocking=True)
                   for name, c in (("reference", self.reference), ("teacher", self.teacher)) if c is not None}
+        if self.labels is not None:
+            cached["desirable"] = torch.tensor([self.labels[i] for i in idx]).to(device, non_blocking=True)
         if self.topk is None:
             return cached, None
         cached["topk_target"] = cached_logps(self.topk[0], idx, n_slots).to(device, non_blocking=True)
@@ -143,22 +146,25 @@ def _rejected_sampler(lm: LM, stage: StageConfig, model_cfg: ModelConfig | None)
 def stage_items(lm: LM, stage: StageConfig, model_cfg: ModelConfig | None = None):
     """(the stage's task, its training data tokenized): prompt/completion examples for SFT objectives,
     prompt/chosen/rejected pairs for preference objectives (built by `preferences.build_pairs`;
-    sampled rejected answers come from `_rejected_sampler`)."""
+    sampled rejected answers come from `_rejected_sampler`), labelled completions for unpaired ones
+    (`preferences.build_unpaired`), each with a partner's completion where the objective needs a KL
+    baseline (`preferences.with_mismatched`)."""
     task = get_task(stage.task)
-    preference = stage.objective.spec.kind == "preference"
+    spec = stage.objective.spec
     source = training_task(stage.task)  # the task, or its train_records file
-    if preference:
-        sampler = _rejected_sampler(lm, stage, model_cfg) if needs_sampler(source) else None
-        raw = build_pairs(source, stage.task.pairs, sampler, location("samples"))
-    else:
-        raw = source.train_examples()
+    sampler = _rejected_sampler(lm, stage, model_cfg) if spec.kind != "sft" and needs_sampler(source) else None
+    raw = (source.train_examples() if spec.kind == "sft" else
+           build_pairs(source, stage.task.pairs, sampler, location("samples")) if spec.kind == "preference" else
+           build_unpaired(source, stage.task.pairs, sampler, location("samples")))
     items, report = tokenize(raw, lm.tokenizer, lm.max_length, stage.task.overlength,
                              append_eos=task.append_eos, source=f"stage {stage.name} ({stage.task.name} train)",
                              max_completion_tokens=stage.task.max_completion_tokens)
     if report.truncated:
         log.warning("stage %s: %d of %d examples were longer than %d tokens; their prompts were truncated",
                     stage.name, report.truncated, report.examples, lm.max_length)
-    return task, pairs_with_signal(items, stage.name) if preference else items
+    if spec.kind == "preference":
+        return task, pairs_with_signal(items, stage.name)
+    return task, with_mismatched(items, lm.max_length) if spec.needs_kl_baseline else items
 
 
 def pairs_with_signal(items: list, stage: str) -> list:
@@ -205,7 +211,7 @@ def stage_inputs(lm: LM, m: ModelConfig, stage: StageConfig, items: list[Tokeniz
         if k:
             cached["topk"] = tuple(topk)
         del source
-    return StageInputs(**cached)
+    return StageInputs(**cached, labels=[bool(it.label) for it in items] if spec.kind == "unpaired" else None)
 
 
 # --------------------------------------------------------------------------------------------

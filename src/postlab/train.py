@@ -1,7 +1,7 @@
 """The one training loop. It knows nothing of any algorithm: it batches tokenized items, computes
 policy log-probs at scored positions, attaches cached reference/teacher log-probs, and hands them to
-the stage's objective (a pure function) for a loss. What it trains with is a StagePlan (postlab.stage);
-the steps share one small state (`_Loop`)."""
+the stage's objective (a pure function) for a loss (one forward: postlab.forward). What it trains with
+is a StagePlan (postlab.stage); the steps share one small state (`_Loop`)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,13 +18,12 @@ from . import __version__, faults
 from . import distributed as dist
 from .checkpoint import existing_dir, load_checkpoint, save_checkpoint
 from .config import StageConfig
-from .data import length_grouped_batches, score_batch
+from .data import length_grouped_batches
 from .decoder import compiled_body
 from .errors import TrainingError
+from .forward import batch_loss
 from .fsdp import strategy as parallel_strategy
-from .logprobs import score
 from .models import LM, own_trainable_weights
-from .objectives import ObjectiveSpec, PairLogps, TokenLogps
 from .progress import bar as progress_bar
 from .runlog import MetricsLog
 
@@ -38,18 +37,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def objective_inputs(spec: ObjectiveSpec, logps, mask, n_items: int, **cached) -> TokenLogps | PairLogps:
-    """The objective's input: `cached` holds the optional TokenLogps fields (reference, teacher,
-    topk_policy, topk_target), laid out like `logps`."""
-    if spec.kind == "sft":
-        return TokenLogps(logps, mask, **cached)
-
-    def part(sl):
-        return TokenLogps(logps[sl], mask[sl], **{k: None if v is None else v[sl] for k, v in cached.items()})
-
-    return PairLogps(part(slice(0, n_items)), part(slice(n_items, 2 * n_items)))
 
 
 @dataclass
@@ -311,27 +298,21 @@ def _forward_backward(loop: _Loop, group: list[list[int]]) -> dict[str, torch.Te
     of its micro-batch). Returns the step's loss, tokens and objective metrics as device tensors,
     summed over processes; nothing here waits for the device."""
     lm, plan = loop.lm, loop.plan
-    cfg, device, pad = plan.cfg, lm.device, lm.tokenizer.pad_token_id
+    cfg, device = plan.cfg, lm.device
     values: dict[str, torch.Tensor] = {}
     tokens = 0
     for full_idx in group:
         # this process's share of the micro-batch (all of it in one process), in forwards of at most
         # forward_rows rows
         for idx, share in loop.par.forwards(plan.items, full_idx, cfg.optim.forward_rows or cfg.optim.batch_size):
-            batch = score_batch([plan.items[i] for i in idx], pad).to(device)
-            cached, at_tokens = plan.inputs.for_batch(idx, batch.n_slots, device)
-            if at_tokens is None:
-                logps, mask = score(lm, batch)
-            else:  # the policy's log-probs at the cached top-k tokens of each position
-                logps, mask, cached["topk_policy"] = score(lm, batch, at=at_tokens)
-            loss, m = plan.spec.fn(objective_inputs(plan.spec, logps, mask, len(idx), **cached), plan.args)
+            loss, m, n_tokens = batch_loss(lm, plan, idx)
             weight = share / len(group)
             (loss * weight).backward()
             faults.point("step")
             # every key on every process (a weight-0 forward keeps the processes in step), so they sum alike
             for k, v in {"loss": loss, **m}.items():
                 values[k] = values.get(k, 0.0) + v.detach().float() * weight
-            tokens += batch.n_tokens if share else 0
+            tokens += n_tokens if share else 0
     # torch.full, not torch.tensor: the value travels as a kernel argument, not as a blocking copy
     values = {"loss": values.pop("loss"), "tokens": torch.full((), float(tokens), device=device), **values}
     if dist.world_size() > 1:  # the logged values are the whole global batch's

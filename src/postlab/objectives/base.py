@@ -156,15 +156,16 @@ def get_objective(name: str) -> ObjectiveSpec:
 @dataclass(frozen=True)
 class StageFeeds:
     """What the training stage prepares for an objective today: what ``spec.for_args(args)`` declares
-    (the stage reads ObjectiveConfig.spec), for SFT and preference batches, but neither KL-baseline
-    inputs nor log Σπ². An objective whose options need more is refused when the config is validated,
+    (the stage reads ObjectiveConfig.spec), for SFT, preference and unpaired batches, the KL baseline's
+    mismatched pairs (each unpaired item carries a partner's completion) and the policy's log Σπ² (from
+    its own forward). An objective whose options need more is refused when the config is validated,
     naming what is missing, instead of failing in the loop. Widen these as the stage learns to prepare
     more (docs/objectives.md, "What the stage must prepare")."""
 
-    kinds: frozenset[str] = frozenset({"sft", "preference"})
+    kinds: frozenset[str] = frozenset({"sft", "preference", "unpaired"})
     resolves_args: bool = True  # the stage reads ObjectiveConfig.spec, which is spec.for_args(args)
-    kl_baseline: bool = False
-    log_sum_sq_probs: bool = False
+    kl_baseline: bool = True  # preferences.with_mismatched, forward.objective_inputs
+    log_sum_sq_probs: bool = True  # logprobs.score(log_sum_sq=True)
 
 
 STAGE_FEEDS = StageFeeds()

@@ -33,8 +33,8 @@ class DPOArgs(ObjectiveArgs):
     ld_alpha: float | None = Field(None, ge=0, le=1, description=(
         "LD-DPO's α: completion tokens past the shorter answer of the pair count with weight α (None or 1: plain)"))
     wpo: bool = Field(False, description=(
-        "WPO: weight each pair by w(c)·w(r), w(y) = exp(mean_t log π(y_t) − log Σ_v π(v)²); needs the stage "
-        "to provide log Σ_v π(v)²"))
+        "WPO: weight each pair by w(c)·w(r), w(y) = exp(mean_t log π(y_t) − log Σ_v π(v)²), log Σ_v π(v)² "
+        "from the policy's own training forward"))
 
 
 def wpo_needs(spec: ObjectiveSpec, a: DPOArgs) -> ObjectiveSpec:

@@ -337,7 +337,8 @@ def _training_sizes(s: StageConfig, train: DataStats) -> tuple[int, float, float
     completion = train.completion_tokens
     if s.task.max_completion_tokens:
         completion = min(completion, s.task.max_completion_tokens)
-    if s.objective.spec.kind != "preference":
+    spec = s.objective.spec
+    if spec.kind == "sft":
         return train.n, train.prompt_tokens + completion, 0.0
     from ..preferences import draws, needs_sampler
 
@@ -346,9 +347,11 @@ def _training_sizes(s: StageConfig, train: DataStats) -> tuple[int, float, float
         n = train.n * s.task.pairs.k
         gen_steps = (math.ceil(train.n / s.task.pairs.generation.batch_size) * draws(s.task.pairs)
                      * s.task.pairs.generation.max_new_tokens)
+    # a pair scores two answers; an unpaired item its own and, for a KL baseline, its partner's (two per pair)
+    answers = 2 if spec.kind == "preference" or spec.needs_kl_baseline else 1
     per_example = (train.prompt_tokens + 1 if train.single_token
-                   else forward_tokens(train.prompt_tokens, [completion, completion]))
-    return n, per_example, gen_steps
+                   else forward_tokens(train.prompt_tokens, [completion] * answers))
+    return n * (2 if spec.kind == "unpaired" else 1), per_example, gen_steps
 
 
 def human_s(s: float | None) -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..data import Example, Pair
+from ..data import Example, Pair, UnpairedExample
 from ..errors import ConfigError, DataError
 from ..metrics import PER_EXAMPLE, MetricSpec, write_per_example  # noqa: F401 (PER_EXAMPLE: re-exported)
 
@@ -147,18 +147,6 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: line {line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
                         f"re-save the file as UTF-8") from None
 
-
-
-@dataclass
-class UnpairedExample:
-    """A prompt and one completion labelled desirable or not (TRL's unpaired format: prompt, completion,
-    label), the data of KTO-style objectives. It belongs beside Example and Pair (postlab.data) when that
-    module takes it."""
-
-    prompt: str
-    completion: str
-    desirable: bool
-    id: str = ""
 
 
 def unpair(pairs: list[Pair]) -> list[UnpairedExample]:

@@ -29,12 +29,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..data import Example, Pair
+from ..data import Example, Pair, UnpairedExample
 from ..errors import ConfigError, DataError
 from ..hub import is_hub_id
 from ..lazy import lazy
 from ..metrics import MetricSpec
-from .base import Task, UnpairedExample, read_text, register_task, require_file, unpair
+from .base import Task, read_text, register_task, require_file, unpair
 
 if TYPE_CHECKING:
     from ..models import LM
