@@ -147,7 +147,8 @@ class StageConfig(Strict):
     # pairs: implicit-reward accuracy and margin (β: the objective's beta, else 0.1) and the mean
     # KL(π‖πref) per chosen-answer token, as metrics ref_reward_accuracy, ref_reward_margin, ref_kl.
     # Pairs: the task's dev pairs, or (sonnets) its dev prompts with rejected answers sampled as the
-    # training pairs' are (task.pairs). The reference is loaded from disk for it, after training.
+    # training pairs' are (task.pairs). The reference is loaded from disk for it, after training. Each
+    # pair's statistics go to <stage>/against-reference/ (postlab.metrics.AGAINST_REFERENCE_SPECS).
     against_reference: bool = False
     # ExPO: after training, the stage's weights become θ_start + λ(θ_end − θ_start) (λ > 1
     # extrapolates; evaluated and saved as the stage's model; the trained checkpoint stays as is).

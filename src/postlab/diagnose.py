@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from . import distributed as dist
+from .checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, replace_dir
 from .data import Pair, score_batch, tokenize
 from .decoder import decoder_and_head
 from .logprobs import cached_token_logps, decoder_hidden, token_logps
+from .metrics import AGAINST_REFERENCE, AGAINST_REFERENCE_SPECS, PerExample, write_per_example
 from .models import LM
 from .objectives import implicit_reward
 
@@ -27,16 +31,24 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def position_kl(policy: LM, reference: LM, items: list, batch_size: int) -> tuple[float, int]:
-    """(mean, count) of KL(π(·|s)‖πref(·|s)) over the distinct contexts s that predict a chosen
-    (first-completion) token: the full next-token distributions of both models, a chunk at a time."""
-    total, count = 0.0, 0
+def position_kl(policy: LM, reference: LM, items: list, batch_size: int) -> tuple[list[float], list[int]]:
+    """Per item: KL(π(·|s)‖πref(·|s)) summed over the distinct contexts s that predict its chosen
+    (first-completion) tokens, and the number of those contexts: the full next-token distributions
+    of both models, a chunk at a time. Kept per pair so that a study can test the mean KL per token
+    example by example (Σ sums / Σ counts over any subset of pairs)."""
+    sums = torch.zeros(len(items), dtype=torch.float64)
+    counts = torch.zeros(len(items), dtype=torch.long)
     pad = policy.tokenizer.pad_token_id
     for m in (policy, reference):
         m.model.eval()
     for s in range(0, len(items), batch_size):
-        batch = score_batch(items[s:s + batch_size], pad).to(policy.device)
-        rows = batch.entry_hidden[batch.entry_answer < len(items[s:s + batch_size])].unique()
+        chunk = items[s:s + batch_size]
+        batch = score_batch(chunk, pad).to(policy.device)
+        chosen = batch.entry_answer < len(chunk)  # answers [0, B) are the chosen ones (score_batch)
+        rows, where = batch.entry_hidden[chosen].unique(return_inverse=True)
+        # each context predicts a token of one chosen answer (a shared first position is shared with the
+        # rejected answer only): its pair is that answer's index
+        owner = torch.empty_like(rows).scatter_(0, where, batch.entry_answer[chosen]).cpu() + s
         logps = []
         for m in (policy, reference):
             body, head = decoder_and_head(m.model)
@@ -45,9 +57,9 @@ def position_kl(policy: LM, reference: LM, items: list, batch_size: int) -> tupl
             h = h.reshape(-1, h.shape[-1]).index_select(0, batch.hidden_index[rows])
             logps.append(torch.cat([torch.log_softmax(head(h[c:c + 256]).float(), -1) for c in range(0, len(h), 256)]))
         p, q = logps
-        total += float((p.exp() * (p - q)).sum(-1).double().sum())
-        count += len(rows)
-    return total / max(count, 1), count
+        sums.index_add_(0, owner, (p.exp() * (p - q)).sum(-1).double().cpu())
+        counts.index_add_(0, owner, torch.ones_like(owner))
+    return sums.tolist(), counts.tolist()
 
 
 def _reward_rows(policy: LM, reference: LM, items: list, beta: float, batch_size: int) -> tuple[list[dict], list, list]:
@@ -65,14 +77,26 @@ def _reward_rows(policy: LM, reference: LM, items: list, beta: float, batch_size
 
 
 def against_reference(policy: LM, reference: LM, pairs: list[Pair], beta: float, batch_size: int = 16,
-                      append_eos: bool = True) -> dict[str, float]:
+                      append_eos: bool = True, out_dir: Path | None = None) -> dict[str, float]:
     """A trained model read against its reference on held-out pairs (a stage's `against_reference`):
-    implicit-reward accuracy and mean margin, and the mean KL(π‖πref) per chosen-answer token."""
+    implicit-reward accuracy and mean margin, and the mean KL(π‖πref) per chosen-answer token. With
+    `out_dir`, each pair's statistics too (per_example.jsonl, postlab.metrics.AGAINST_REFERENCE_SPECS),
+    from which the metrics are computed, so a study report tests them example by example."""
     items, _ = tokenize(pairs, policy.tokenizer, policy.max_length, "truncate", append_eos=append_eos, source="pairs")
     rows, _, _ = _reward_rows(policy, reference, items, beta, batch_size)
-    kl, _ = position_kl(policy, reference, items, batch_size)
-    return {"ref_reward_accuracy": sum(r["correct"] for r in rows) / len(rows),
-            "ref_reward_margin": sum(r["margin"] for r in rows) / len(rows), "ref_kl": kl, "ref_pairs": float(len(rows))}
+    kl, contexts = position_kl(policy, reference, items, batch_size)
+    records = [{"id": r["id"], "score": r["margin"],
+                "stats": {"ref_reward_accuracy": [float(r["correct"]), 1.0], "ref_reward_margin": [r["margin"], 1.0],
+                          "ref_kl": [k, float(c)]}} for r, k, c in zip(rows, kl, contexts)]
+    per_pair = PerExample([str(r["id"]) for r in records],
+                          {m: np.array([r["stats"][m] for r in records]) for m in AGAINST_REFERENCE_SPECS},
+                          AGAINST_REFERENCE_SPECS)
+    if out_dir is not None:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_per_example(tmp, records, AGAINST_REFERENCE_SPECS)
+        replace_dir(tmp, out_dir)  # whole or absent: the report never reads a torn file
+    return {**{m: per_pair.value(m) for m in AGAINST_REFERENCE_SPECS}, "ref_pairs": float(len(rows))}
 
 
 def stage_against_reference(lm: LM, cfg: RunConfig, i: int, sdir: Path, task) -> dict[str, float]:
@@ -97,7 +121,8 @@ def stage_against_reference(lm: LM, cfg: RunConfig, i: int, sdir: Path, task) ->
             else loaded(name)
     pairs = build_pairs(task, stage.task.pairs, sampler, location("samples"), split="dev")
     beta = getattr(stage.objective.typed_args, "beta", 0.1)
-    return against_reference(lm, reference, pairs, beta, stage.eval_batch_size, task.append_eos)
+    return against_reference(lm, reference, pairs, beta, stage.eval_batch_size, task.append_eos,
+                             sdir / AGAINST_REFERENCE if dist.is_main() else None)
 
 
 def diagnose(policy: LM, reference: LM, pairs: list[Pair], beta: float, out_dir: Path, batch_size: int = 16,
@@ -107,13 +132,15 @@ def diagnose(policy: LM, reference: LM, pairs: list[Pair], beta: float, out_dir:
                              source="pairs")
     rows, pol, ref = _reward_rows(policy, reference, items, beta, batch_size)
     kl, contexts = position_kl(policy, reference, items, batch_size)
+    for r, k, c in zip(rows, kl, contexts):
+        r.update(kl_sum=k, kl_contexts=c)
     margins = [r["margin"] for r in rows]
     summary = {"pairs": len(rows), "beta": beta,
                "reward_accuracy": sum(r["correct"] for r in rows) / len(rows),
                "reward_margin": sum(margins) / len(rows),
                "reward_chosen": sum(r["reward_chosen"] for r in rows) / len(rows),
                "reward_rejected": sum(r["reward_rejected"] for r in rows) / len(rows),
-               "kl_per_token": kl, "kl_contexts": contexts,
+               "kl_per_token": sum(kl) / max(sum(contexts), 1), "kl_contexts": sum(contexts),
                "logratio_chosen_per_pair": sum(r["reward_chosen"] for r in rows) / len(rows) / beta,
                "truncated_prompts": report.truncated}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,21 @@ class MetricSpec:
         return AGGREGATES[self.aggregate](np.asarray(sums, dtype=float))
 
 
+# A stage's `against_reference` reading (postlab.diagnose.against_reference), per held-out pair, in
+# <stage>/against-reference/ beside its eval/: [ranks the pair right, 1], [implicit-reward margin, 1]
+# and [KL(π‖πref) summed over the contexts that predict the chosen answer's tokens, those contexts], so
+# ref_kl is the mean KL per chosen-answer token over any subset of pairs. Lower KL counts as better:
+# closer to the reference is what the implicit-reward view's KL term asks (arXiv 2507.00018).
+AGAINST_REFERENCE = "against-reference"
+AGAINST_REFERENCE_SPECS = {
+    # planning: a 0/1 difference, the worst case of accuracy's (postlab.tasks.paraphrase); the margin's and
+    # the KL's scale depend on β and the data, so the planner measures them (--variance-from) or says "?"
+    "ref_reward_accuracy": MetricSpec("ratio", planning=(4e-4, 0.25, 0.25)),
+    "ref_reward_margin": MetricSpec("ratio"),
+    "ref_kl": MetricSpec("ratio", higher_is_better=False),
+}
+
+
 @dataclass
 class PerExample:
     """One evaluation's per-example statistics: ids in dev order and, per metric, an [n, k] array."""

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..metrics import PerExample
+from ..metrics import AGAINST_REFERENCE_SPECS, PerExample
 from . import results as R
 from .paired import compare_arms, compare_seed_values, interval_at
 from .stats import format_p, holm, holm_levels
@@ -44,7 +44,8 @@ def task_primary_metrics(task: Any) -> tuple[str, ...]:
 def compared_metrics(task: Any, chosen: Sequence[str] | None) -> list[str] | None:
     """The metrics a study compares on `task`, asked before any data (the planner) and after (the
     report, which keeps those with data): the study's `metrics` list where it names metrics the task
-    reports (its metric specs and primary metrics, and ``<name>_logp`` of ``task.score_records``), or
+    reports (its metric specs and primary metrics, ``<name>_logp`` of ``task.score_records``, and the
+    ``ref_*`` metrics of a stage with ``against_reference``: metrics.AGAINST_REFERENCE_SPECS), or
     else the task's primary metrics; None for a task postlab does not know (the report then compares
     every metric with data). A two-task study's list names each task's own."""
     from ..tasks import TASKS
@@ -52,7 +53,7 @@ def compared_metrics(task: Any, chosen: Sequence[str] | None) -> list[str] | Non
     cls = TASKS.get(str(task)) if task is not None else None
     if cls is None:
         return list(chosen) if chosen else None
-    declared = set(getattr(cls, "metric_specs", {}) or {}) | set(task_primary_metrics(task))
+    declared = set(getattr(cls, "metric_specs", {}) or {}) | set(task_primary_metrics(task)) | set(AGAINST_REFERENCE_SPECS)
     mine = [m for m in (chosen or []) if m in declared or m.endswith(LOGP_SUFFIX)]
     return mine or list(task_primary_metrics(task))
 
@@ -68,17 +69,19 @@ def primary_metrics(task: Any, df: pd.DataFrame) -> list[str]:
     return [m for m in wanted if m in metrics] + [m for m in metrics if m.startswith("win_rate_vs_") and m not in wanted]
 
 
-def evaluations(df: pd.DataFrame, study_dir: Path, start: bool = False) -> dict[str, PerExample | None]:
-    """run id -> its final (or starting) evaluation's per-example statistics."""
-    return {rid: R.evaluation(study_dir / "runs" / rid, start) for rid in df["run_id"]}
+def evaluations(df: pd.DataFrame, study_dir: Path, start: bool = False,
+                stage: str | None = None) -> dict[str, dict[str, PerExample]]:
+    """run id -> {metric: the per-example statistics holding it} of its final evaluation (or its
+    starting one, or the end of its stage `stage`): results.evaluation_files."""
+    return {rid: R.evaluation_files(study_dir / "runs" / rid, start, stage) for rid in df["run_id"]}
 
 
-def _seed_evals(g: pd.DataFrame, evals: dict[str, PerExample | None], metric: str) -> dict[Any, PerExample] | None:
+def _seed_evals(g: pd.DataFrame, evals: dict[str, dict[str, PerExample]], metric: str) -> dict[Any, PerExample] | None:
     """seed -> evaluation for one arm, or None unless every run has per-example stats of `metric`."""
     out = {}
     for _, row in g.iterrows():
-        e = evals.get(row["run_id"])
-        if e is None or metric not in e.stats:
+        e = (evals.get(row["run_id"]) or {}).get(metric)
+        if e is None:
             return None
         out[row[R.SEED] if R.SEED in g.columns else 0] = e
     return out
@@ -122,7 +125,7 @@ def _with_holm(rows: list[dict], alpha: float) -> pd.DataFrame:
 
 
 def paired_comparisons(df: pd.DataFrame, alpha: float = 0.05, study_dir: Path | None = None,
-                       evals: dict[str, PerExample | None] | None = None) -> pd.DataFrame:
+                       evals: dict[str, dict[str, PerExample]] | None = None) -> pd.DataFrame:
     """One row per (axis, A, B, other axes, metric): n (seeds), n_examples, mean_diff (A − B),
     se, df, ci_low, ci_high, p_value, p_holm, equivalence_bound, test, significant (unadjusted),
     significant_holm, verdict, higher_is_better. Tasks are not compared with each other."""
@@ -150,7 +153,7 @@ def paired_comparisons(df: pd.DataFrame, alpha: float = 0.05, study_dir: Path | 
 
 
 def baseline_comparisons(df: pd.DataFrame, study_dir: Path, alpha: float = 0.05,
-                         evals: dict[str, PerExample | None] | None = None) -> pd.DataFrame:
+                         evals: dict[str, dict[str, PerExample]] | None = None) -> pd.DataFrame:
     """Each group (all axes but seed) against its runs' starting models (zero-shot where the runs
     start from a base model), paired on seed and example: same columns as paired_comparisons,
     with ``group`` naming the group; Holm over these rows."""

@@ -72,7 +72,7 @@ def planned_comparisons(study: Study, runs: list[PlannedRun]) -> list[PlannedCom
                         dev_sizes[key] = _dev_size(stage.task)
                     label = R.label(ctx, others) if others else ""
                     out += [PlannedComparison(axis, va, vb, label, task, m, seeds, dev_sizes[key])
-                            for m in _compared(study, stage.task)]
+                            for m in _compared(study, stage)]
     return out
 
 
@@ -80,14 +80,17 @@ def _task(run: PlannedRun) -> str:
     return run.config.stages[-1].task.name  # what the run records as its task (its last stage's)
 
 
-def _compared(study: Study, task_cfg) -> list[str]:
-    """What the report compares on a run's task: its compared metrics (a score_records log-likelihood
-    only where the task scores that file), then the study's win rate."""
+def _compared(study: Study, stage) -> list[str]:
+    """What the report compares at the end of a run's last `stage` (a StageConfig): its task's compared
+    metrics (a score_records log-likelihood only where the task scores that file, the ref_* metrics
+    only where the stage reads its model against its reference), then the study's win rate."""
+    from ..metrics import AGAINST_REFERENCE_SPECS
     from .comparisons import LOGP_SUFFIX, compared_metrics
     from .results import win_rate_column
 
-    metrics = compared_metrics(task_cfg.name, study.metrics) or []
-    metrics = [m for m in metrics if not m.endswith(LOGP_SUFFIX) or m[:-len(LOGP_SUFFIX)] in task_cfg.score_records]
+    metrics = compared_metrics(stage.task.name, study.metrics) or []
+    metrics = [m for m in metrics if not m.endswith(LOGP_SUFFIX) or m[:-len(LOGP_SUFFIX)] in stage.task.score_records]
+    metrics = [m for m in metrics if m not in AGAINST_REFERENCE_SPECS or stage.against_reference]
     return metrics + ([win_rate_column(study.win_rate_vs)] if study.win_rate_vs else [])
 
 
@@ -132,10 +135,12 @@ def components_from(study_dir: Path) -> dict[tuple[str, str], Components]:
 
 def default_components(task: str, metric: str) -> Components | None:
     """The task's stated conservative default for a metric (MetricSpec.planning), if any."""
+    from ..metrics import AGAINST_REFERENCE_SPECS
     from ..tasks import TASKS
 
     cls = TASKS.get(task)
     spec = getattr(cls, "metric_specs", {}).get(metric) if cls is not None else None
+    spec = spec or AGAINST_REFERENCE_SPECS.get(metric)
     if spec is None or spec.planning is None:
         return None
     return Components(*spec.planning)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
-from ..metrics import PerExample, read_per_example
+from ..metrics import AGAINST_REFERENCE, PerExample, read_per_example
 from ..runlog import read_jsonl
 
 SEED = "seed"
@@ -208,10 +208,13 @@ def stage_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[0]))
 
 
-def evaluation_dir(run_dir: Path, start: bool = False) -> Path | None:
-    """The folder of a run's final evaluation (the last stage's ``eval``) or, with `start`, of its
-    starting model's (the first stage's ``eval-start``: the zero-shot model of a run from a base)."""
+def evaluation_dir(run_dir: Path, start: bool = False, stage: str | None = None) -> Path | None:
+    """The folder of a run's final evaluation (the last stage's ``eval``), of the end of its stage named
+    `stage`, or, with `start`, of its starting model's (the first stage's ``eval-start``: the zero-shot
+    model of a run from a base); None where the run has no such stage."""
     stages = stage_dirs(run_dir)
+    if stage is not None:
+        stages = [p for p in stages if p.name.split("-", 1)[-1] == stage]  # (stage names are unique in a run)
     if not stages:
         return None
     return stages[0] / "eval-start" if start else stages[-1] / "eval"
@@ -221,6 +224,15 @@ def evaluation(run_dir: Path, start: bool = False) -> PerExample | None:
     """Per-example statistics of a run's final (or starting) evaluation; None where not recorded."""
     d = evaluation_dir(run_dir, start)
     return read_per_example(d) if d is not None else None
+
+
+def evaluation_files(run_dir: Path, start: bool = False, stage: str | None = None) -> dict[str, PerExample]:
+    """metric -> the per-example statistics that hold it, for the evaluation `evaluation_dir` names:
+    its ``eval`` files and, at a stage's end, the stage's reading against its reference (``against-reference``,
+    postlab.diagnose), whose pairs are other examples; {} where none were recorded."""
+    d = evaluation_dir(run_dir, start, stage)
+    parts = [] if d is None else [read_per_example(d)] + ([] if start else [read_per_example(d.parent / AGAINST_REFERENCE)])
+    return {m: pe for pe in reversed(parts) if pe is not None for m in pe.stats}
 
 
 def start_metrics(run_dir: Path) -> dict[str, float]:
