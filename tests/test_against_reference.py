@@ -1,6 +1,6 @@
 """A stage's `against_reference` reading, per held-out pair: the KL to the reference accounted pair by
-pair (exact over the vocabulary) and the per-pair statistics a study report tests. Tiny random
-models, fp32 on CPU."""
+pair (exact over the vocabulary), the per-pair statistics a study report tests, the pair limit
+`against_reference_examples` and its cost in `postlab study plan`. Tiny random models, fp32 on CPU."""
 from __future__ import annotations
 
 import numpy as np
@@ -73,16 +73,52 @@ def test_against_reference_writes_per_pair_statistics_that_give_its_metrics(two_
         assert per.value(m, np.arange(3)) == pytest.approx(alone[m], rel=1e-5)
 
 
-def test_a_stage_writes_its_reading_against_the_reference_per_pair(tmp_path, tiny_llama):
-    """A DPO stage with against_reference writes <stage>/against-reference/ beside eval/: its dev pairs'
-    statistics, whose corpus values are the metrics result.json records."""
+@pytest.mark.parametrize("limit", [None, 5])
+def test_a_stage_writes_its_reading_against_the_reference_per_pair(tmp_path, tiny_llama, limit):
+    """A DPO stage with against_reference writes <stage>/against-reference/ beside eval/; with
+    against_reference_examples: 5 it reads the first 5 dev pairs only."""
+    from postlab.diagnose import against_reference
+
     data = write_pairs(tmp_path / "p.tsv", 16)
     cfg = run_config(tiny_llama, tmp_path / "run", data, epochs=1, eval_at_start=False)
     cfg["stages"].append({**cfg["stages"][0], "name": "dpo", "objective": {"name": "dpo", "beta": 0.2},
-                          "against_reference": True})
+                          "against_reference": True, "against_reference_examples": limit})
     got = run(parse_run_config(cfg))["metrics"]
+    n = limit or 8  # dev_limit 8
     per = read_per_example(tmp_path / "run" / "1-dpo" / AGAINST_REFERENCE)
     dev = get_task(TaskConfig(name="paraphrase", train=str(data), dev=str(data), dev_limit=8)).preference_pairs("dev")
-    assert got["ref_pairs"] == 8 and per.ids == [p.id for p in dev]
+    assert got["ref_pairs"] == n and per.ids == [p.id for p in dev[:n]]
     assert {m: per.value(m) for m in AGAINST_REFERENCE_SPECS} == pytest.approx({m: got[m] for m in AGAINST_REFERENCE_SPECS})
+    policy = load_lm(str(tmp_path / "run" / "1-dpo" / "model"), "cpu", "fp32")
+    reference = load_lm(str(tmp_path / "run" / "0-sft" / "model"), "cpu", "fp32")
+    assert against_reference(policy, reference, dev[:n], 0.2, 16, False) == pytest.approx(
+        {k: v for k, v in got.items() if k.startswith("ref_")})
     assert not (tmp_path / "run" / "0-sft" / AGAINST_REFERENCE).exists()  # only the stage that asks
+
+
+def test_against_reference_examples_needs_against_reference_and_keys_the_stage(tiny_llama, tmp_path):
+    from postlab.errors import ConfigError
+
+    data = write_pairs(tmp_path / "p.tsv", 8)
+    with pytest.raises(ConfigError, match="against_reference_examples.*against_reference: true"):
+        parse_run_config(run_config(tiny_llama, tmp_path / "r", data, against_reference_examples=4))
+    keys = {n: parse_run_config(run_config(tiny_llama, tmp_path / "r", data, against_reference=True,
+                                           against_reference_examples=n)).stage_key(0) for n in (None, 4, 6)}
+    assert len(set(keys.values())) == 3  # a stage copied from another run read as many pairs
+
+
+def test_plan_counts_only_the_pairs_the_stage_reads(tiny_llama, tmp_path):
+    """The estimate's against_reference cost scales with the pairs read: the first N of the 40 dev pairs."""
+    from postlab.study.estimate import estimate
+    from postlab.study.grid import PlannedRun
+
+    data = write_pairs(tmp_path / "p.tsv", 40)
+
+    def seconds(**stage) -> float:
+        cfg = parse_run_config(run_config(tiny_llama, tmp_path / "r", data, task={"dev_limit": 40}, **stage))
+        return estimate([PlannedRun(0, "r", {}, {}, cfg)])[0][0].seconds
+
+    plain, whole, ten = seconds(), seconds(against_reference=True), seconds(against_reference=True,
+                                                                            against_reference_examples=10)
+    assert plain < ten < whole
+    assert (whole - plain) / (ten - plain) == pytest.approx(4.0)

@@ -150,6 +150,10 @@ class StageConfig(Strict):
     # training pairs' are (task.pairs). The reference is loaded from disk for it, after training. Each
     # pair's statistics go to <stage>/against-reference/ (postlab.metrics.AGAINST_REFERENCE_SPECS).
     against_reference: bool = False
+    # Read only the first N held-out pairs (prompts, for sampled pairs) against the reference: each pair
+    # costs four forward passes (both models' log-probs, then both full distributions for the KL), and
+    # sampled pairs their sampling; on a whole dev set that is more than an evaluation.
+    against_reference_examples: int | None = Field(None, gt=0)
     # ExPO: after training, the stage's weights become θ_start + λ(θ_end − θ_start) (λ > 1
     # extrapolates; evaluated and saved as the stage's model; the trained checkpoint stays as is).
     expo_lambda: float | None = None
@@ -162,6 +166,13 @@ class StageConfig(Strict):
                              f"{kind} items (their answers share rows or are scored side by side); drop optim.packing")
         if self.optim.packing_length is not None and not self.optim.packing:
             raise ValueError("optim.packing_length is the length of packed rows; set optim.packing: true too")
+        return self
+
+    @model_validator(mode="after")
+    def _against_reference_limit(self) -> "StageConfig":
+        if self.against_reference_examples is not None and not self.against_reference:
+            raise ValueError("against_reference_examples limits the pairs against_reference reads; set "
+                             "against_reference: true too")
         return self
 
 
@@ -219,6 +230,9 @@ class RunConfig(Strict):
 
         kept = {"save_model", "keep_weights"}
         stages = [s.model_dump(mode="json", exclude=kept) for s in self.stages[:i + 1]]
+        for s in stages:  # unset, a key added later leaves the stages trained before it reusable
+            if s["against_reference_examples"] is None:
+                del s["against_reference_examples"]
         if trained:
             stages[i].pop("expo_lambda")
         parts = {"model": self.model.model_dump(mode="json"), "seed": self.seed, "postlab": __version__,

@@ -105,6 +105,7 @@ def stage_against_reference(lm: LM, cfg: RunConfig, i: int, sdir: Path, task) ->
     from .cache import location
     from .models import load_lm
     from .preferences import build_pairs, needs_sampler
+    from .tasks import get_task
 
     stage, m = cfg.stages[i], cfg.model
     start = str(sdir.parent / f"{i - 1}-{cfg.stages[i - 1].name}" / "model") if i > 0 else m.name
@@ -119,7 +120,10 @@ def stage_against_reference(lm: LM, cfg: RunConfig, i: int, sdir: Path, task) ->
         name = {"stage-start": start, "base": m.name}.get(src, src)
         sampler = reference if name == reference.source or (name == start and stage.reference == "stage-start") \
             else loaded(name)
-    pairs = build_pairs(task, stage.task.pairs, sampler, location("samples"), split="dev")
+    limit = stage.against_reference_examples
+    if limit:  # only the first N held-out examples: fewer pairs to sample where they are sampled
+        task = get_task(stage.task.model_copy(update={"dev_limit": min(limit, stage.task.dev_limit or limit)}))
+    pairs = build_pairs(task, stage.task.pairs, sampler, location("samples"), split="dev")[:limit]
     beta = getattr(stage.objective.typed_args, "beta", 0.1)
     return against_reference(lm, reference, pairs, beta, stage.eval_batch_size, task.append_eos,
                              sdir / AGAINST_REFERENCE if dist.is_main() else None)

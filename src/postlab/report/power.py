@@ -71,7 +71,7 @@ def planned_comparisons(study: Study, runs: list[PlannedRun]) -> list[PlannedCom
                     if key not in dev_sizes:
                         dev_sizes[key] = _dev_size(stage.task)
                     label = R.label(ctx, others) if others else ""
-                    out += [PlannedComparison(axis, va, vb, label, task, m, seeds, dev_sizes[key])
+                    out += [PlannedComparison(axis, va, vb, label, task, m, seeds, _examples(stage, m, dev_sizes[key]))
                             for m in _compared(study, stage)]
     return out
 
@@ -92,6 +92,16 @@ def _compared(study: Study, stage) -> list[str]:
     metrics = [m for m in metrics if not m.endswith(LOGP_SUFFIX) or m[:-len(LOGP_SUFFIX)] in stage.task.score_records]
     metrics = [m for m in metrics if m not in AGAINST_REFERENCE_SPECS or stage.against_reference]
     return metrics + ([win_rate_column(study.win_rate_vs)] if study.win_rate_vs else [])
+
+
+def _examples(stage, metric: str, dev: int | None) -> int | None:
+    """The examples a comparison of `metric` pairs: the dev set, or for the ref_* metrics the held-out
+    pairs the stage reads against its reference (its first `against_reference_examples`)."""
+    from ..metrics import AGAINST_REFERENCE_SPECS
+
+    if metric in AGAINST_REFERENCE_SPECS and stage.against_reference_examples and dev:
+        return min(dev, stage.against_reference_examples)
+    return dev
 
 
 def _dev_size(task_cfg) -> int | None:

@@ -296,6 +296,9 @@ class _Estimator:
             cost = task.eval_cost(n_dev)  # asked of the task: what one evaluation scores and generates
             fwd += count * n_dev * (dev.prompt_tokens + (dev.completion_tokens if cost.scores_completions else 0))
             gen_steps += count * cost.decode_steps
+        if s.against_reference:
+            ref_fwd, ref_steps = _against_reference_cost(s, dev)
+            fwd, gen_steps = fwd + ref_fwd, gen_steps + ref_steps
         tp = self.throughput(m, per_example, s.optim.batch_size)
         seconds = ((train_tokens + FORWARD_COST * fwd) / tp.tokens_per_s + gen_steps * tp.decode_step_s
                    + STAGE_OVERHEAD_S[_device_type(m)])
@@ -309,9 +312,7 @@ class _Estimator:
         start_key = m.model_dump_json() + json.dumps(s.task.evaluation_settings(), sort_keys=True)
         start = s.eval_at_start and first and start_key not in self.evaluated
         self.evaluated.add(start_key)
-        # an ExPO stage evaluates once more; against_reference scores held-out pairs with two models
-        # (and samples them where the task samples its pairs): about two evaluations
-        expo = int(s.expo_lambda is not None) + 2 * int(s.against_reference)
+        expo = int(s.expo_lambda is not None)  # an ExPO stage evaluates once more
         if not trains:
             return expo, 0
         between = max(math.ceil(epochs) - 1, 0) + ((steps - 1) // s.eval_every_steps if s.eval_every_steps and steps else 0)
@@ -327,6 +328,24 @@ class _Estimator:
                            "the tokenizer where it loads locally, else characters / 4"),
                 "throughput": sorted({t.source for t in self.throughputs.values()}),
                 "measured": self.measure}
+
+
+def _against_reference_cost(s: StageConfig, dev: DataStats) -> tuple[float, float]:
+    """(forward tokens, decode steps) of a stage's `against_reference` reading of its first
+    `against_reference_examples` held-out pairs (postlab.diagnose): the policy's and the reference's
+    log-probs of both answers, then both models' full next-token distributions at the chosen answer's
+    contexts (four forwards of each pair), after sampling the rejected answers where the task samples its
+    pairs (as the training pairs are)."""
+    from ..data import forward_tokens
+    from ..preferences import draws, needs_sampler
+    from ..tasks import get_task
+
+    n = min(s.against_reference_examples or dev.n, dev.n)
+    per_pair = (dev.prompt_tokens + 1 if dev.single_token
+                else forward_tokens(dev.prompt_tokens, [dev.completion_tokens] * 2))
+    gen = s.task.pairs.generation
+    steps = math.ceil(n / gen.batch_size) * draws(s.task.pairs) * gen.max_new_tokens if needs_sampler(get_task(s.task)) else 0
+    return 4 * n * per_pair, float(steps)
 
 
 def _training_sizes(s: StageConfig, train: DataStats) -> tuple[int, float, float]:
