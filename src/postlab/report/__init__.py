@@ -5,6 +5,7 @@
     comparisons.py  which arms a study compares, against what baseline, and the findings
     paired.py       comparing two arms: the seed x example test, the 1-seed tests, the detectable effect
     stats.py        seed-level summaries, t-intervals, Holm
+    stages.py       the same comparisons at the end of a named stage (a study's `compare_stages`)
     power.py        the detectable effect of each comparison a study plans (`postlab study plan`)
     plots.py        the report's figures
     writer.py       report.md, runs.csv, comparisons.csv, baselines.csv (:func:`write_report`)

@@ -180,12 +180,15 @@ def _fmt(x: float) -> str:
 def findings(comp: pd.DataFrame, alpha: float = 0.05) -> list[str]:
     """Plain sentences: each comparison significant after Holm's correction; where there is none,
     the comparisons whose data rule out the smallest differences. Intervals and bounds are Holm's
-    (the `_holm` columns), as the verdicts are."""
+    (the `_holm` columns), as the verdicts are. Rows with a ``stage`` (postlab.report.stages) say
+    which stage's end they compare."""
     if comp.empty:
         return []
     out = []
     for _, r in comp[comp["significant_holm"]].sort_values("p_holm").iterrows():
         where = f"On {r['task']}" if not R.missing(r["task"]) else "Here"
+        if not R.missing(r.get("stage")):
+            where = f"At the end of stage {r['stage']}, {where[0].lower()}{where[1:]}"
         if r["context"]:
             where += f" ({r['context']})"
         up = r["mean_diff"] > 0
@@ -199,6 +202,8 @@ def findings(comp: pd.DataFrame, alpha: float = 0.05) -> list[str]:
     tested = comp[comp["equivalence_bound_holm"].map(lambda x: isinstance(x, float) and math.isfinite(x))]
     for _, r in tested.sort_values("equivalence_bound_holm").head(3).iterrows():
         where = f"on {r['task']}" if not R.missing(r["task"]) else "here"
+        if not R.missing(r.get("stage")):
+            where = f"at the end of stage {r['stage']} {where}"
         effect = r.get("effect", math.nan)
         short = isinstance(effect, float) and math.isfinite(effect) and r["equivalence_bound_holm"] > effect
         head = (f"Cannot tell {where} whether {r['a']} and {r['b']} differ by the {effect:g} worth finding" if short

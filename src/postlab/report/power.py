@@ -40,13 +40,23 @@ class PlannedComparison:
     metric: str
     seeds: int  # seeds both arms share
     examples: int | None  # dev examples (None: unknown before the data loads)
+    stage: str | None = None  # compared at the end of this stage (the study's compare_stages); None: at the run's end
 
 
 def planned_comparisons(study: Study, runs: list[PlannedRun]) -> list[PlannedComparison]:
     """The comparisons the report will make (postlab.report.comparisons.paired_comparisons), from the
     plan: each axis but seed and task with 2+ values, each pair of its values in the report's order
     (so A − B has the report's sign), per task, over runs that agree on every other axis; the metrics
-    the report compares on that task (comparisons.compared_metrics) and the study's win rate."""
+    the report compares on that task (comparisons.compared_metrics) and the study's win rate. Then the
+    same at the end of each stage the study names in `compare_stages` (postlab.report.stages), over
+    the runs that have that stage, without the win rate (the report takes it from final evaluations)."""
+    out = _comparisons_at(study, runs, None)
+    for name in study.compare_stages or []:
+        out += _comparisons_at(study, [r for r in runs if any(s.name == name for s in r.config.stages)], name)
+    return out
+
+
+def _comparisons_at(study: Study, runs: list[PlannedRun], stage_name: str | None) -> list[PlannedComparison]:
     from . import results as R
 
     group_axes = [a.name for a in study.axes if a.name not in (R.SEED, R.TASK)]
@@ -66,13 +76,15 @@ def planned_comparisons(study: Study, runs: list[PlannedRun]) -> list[PlannedCom
                     if not ra or not rb:
                         continue
                     seeds = len({r.config.seed for r in ra} & {r.config.seed for r in rb})
-                    stage = ra[0].config.stages[-1]  # the final evaluation is the last stage's
+                    # the evaluation compared: the named stage's end, or the run's final one (its last stage's)
+                    stage = next((s for s in ra[0].config.stages if s.name == stage_name), ra[0].config.stages[-1])
                     key = stage.task.model_dump_json(include={"name", "dev", "dev_reference", "dev_limit", "validation"})
                     if key not in dev_sizes:
                         dev_sizes[key] = _dev_size(stage.task)
                     label = R.label(ctx, others) if others else ""
-                    out += [PlannedComparison(axis, va, vb, label, task, m, seeds, _examples(stage, m, dev_sizes[key]))
-                            for m in _compared(study, stage)]
+                    out += [PlannedComparison(axis, va, vb, label, task, m, seeds, _examples(stage, m, dev_sizes[key]),
+                                              stage_name)
+                            for m in _compared(study, task, stage, win_rate=stage_name is None)]
     return out
 
 
@@ -80,18 +92,18 @@ def _task(run: PlannedRun) -> str:
     return run.config.stages[-1].task.name  # what the run records as its task (its last stage's)
 
 
-def _compared(study: Study, stage) -> list[str]:
-    """What the report compares at the end of a run's last `stage` (a StageConfig): its task's compared
-    metrics (a score_records log-likelihood only where the task scores that file, the ref_* metrics
-    only where the stage reads its model against its reference), then the study's win rate."""
+def _compared(study: Study, task: str, stage, win_rate: bool = True) -> list[str]:
+    """What the report compares at the end of a run's `stage` (a StageConfig): the compared metrics of
+    the run's task (a score_records log-likelihood only where the stage's task scores that file, the
+    ref_* metrics only where the stage reads its model against its reference), then the study's win rate."""
     from ..metrics import AGAINST_REFERENCE_SPECS
     from .comparisons import LOGP_SUFFIX, compared_metrics
     from .results import win_rate_column
 
-    metrics = compared_metrics(stage.task.name, study.metrics) or []
+    metrics = compared_metrics(task, study.metrics) or []
     metrics = [m for m in metrics if not m.endswith(LOGP_SUFFIX) or m[:-len(LOGP_SUFFIX)] in stage.task.score_records]
     metrics = [m for m in metrics if m not in AGAINST_REFERENCE_SPECS or stage.against_reference]
-    return metrics + ([win_rate_column(study.win_rate_vs)] if study.win_rate_vs else [])
+    return metrics + ([win_rate_column(study.win_rate_vs)] if study.win_rate_vs and win_rate else [])
 
 
 def _examples(stage, metric: str, dev: int | None) -> int | None:
@@ -176,7 +188,8 @@ def power_table(comparisons: list[PlannedComparison], sources: list[tuple[str, d
             comps = Components(default.seed, comps.example, comps.residual, comps.n_seeds, comps.n_examples)
             origin += " (seed variance: task default)"
         mde = _detectable(comps, c.seeds, c.examples) if comps is not None and c.examples else math.nan
-        rows.append({"comparison": f"{c.axis}: {c.a} vs {c.b}" + (f" [{c.context}]" if c.context else ""),
+        rows.append({"comparison": f"{c.axis}: {c.a} vs {c.b}" + (f" [{c.context}]" if c.context else "")
+                     + (f" (end of stage {c.stage})" if c.stage else ""),
                      "task": c.task, "metric": c.metric, "seeds": c.seeds, "examples": c.examples,
                      "detectable": mde, "variance_from": origin, "components": comps})
     return rows

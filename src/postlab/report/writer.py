@@ -6,7 +6,9 @@
   (mean ± std and 95% CI over seeds, zero-shot and majority baselines); paired comparisons between
   arms (seed x example tests, Holm-corrected, equivalence bounds where nothing is found); trained
   arms against their zero-shot models; all metrics; plots; incomplete runs; versions and devices;
-* ``comparisons.csv``, ``baselines.csv``: every test with its statistics; ``runs.csv``: one row per run;
+  with the study's ``compare_stages``, the same comparisons at the end of each named stage (:mod:`.stages`);
+* ``comparisons.csv``, ``baselines.csv``, ``stage_comparisons.csv`` (with ``compare_stages``): every test
+  with its statistics; ``runs.csv``: one row per run;
 * the plots of :data:`postlab.report.plots.PLOTS`.
 
 Reading runs is :mod:`.results`, the tests :mod:`.comparisons` (statistics in :mod:`.paired` and
@@ -35,6 +37,7 @@ from .comparisons import (
     task_primary_metrics,
 )
 from .results import add_win_rates, load_runs
+from .stages import stage_comparisons
 from .stats import format_p, summarize
 
 
@@ -121,15 +124,25 @@ def _study_name(study_dir: Path) -> str:
 
 
 
-def _md_findings(comp: pd.DataFrame, alpha: float) -> list[str]:
+def _md_findings(comp: pd.DataFrame, alpha: float, stage_comp: pd.DataFrame | None = None) -> list[str]:
     lines = ["## Finding", ""]
     sentences = findings(comp, alpha) if not comp.empty else []
     if not sentences:
-        return lines + ["No comparison between arms could be tested (see Paired comparisons).", ""]
-    if len(sentences) == 1:
-        return lines + sentences + [""]
-    more = [f"- … and {len(sentences) - 5} more (see Paired comparisons)."] if len(sentences) > 5 else []
-    return lines + [f"- {x}" for x in sentences[:5]] + more + [""]
+        lines += ["No comparison between arms could be tested (see Paired comparisons).", ""]
+    elif len(sentences) == 1:
+        lines += sentences + [""]
+    else:
+        lines += _bullets(sentences, "Paired comparisons")
+    for stage, g in ([] if stage_comp is None or stage_comp.empty else stage_comp.groupby("stage", sort=False)):
+        said = findings(g.reset_index(drop=True), alpha)
+        if said:
+            lines += [f"At the end of stage {stage} (a Holm family of its own):", ""] + _bullets(said, STAGES_TITLE)
+    return lines
+
+
+def _bullets(sentences: list[str], section: str) -> list[str]:
+    more = [f"- … and {len(sentences) - 5} more (see {section})."] if len(sentences) > 5 else []
+    return [f"- {x}" for x in sentences[:5]] + more + [""]
 
 
 def _md_main_tables(df: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
@@ -211,9 +224,38 @@ def _md_comparisons(comp: pd.DataFrame, alpha: float) -> list[str]:
         f"runs without per-example statistics fall back to a paired t-test over seeds. {tested} tests at "
         f"alpha = {alpha}, Holm-corrected over all of them: {int(comp['significant_holm'].sum())} significant "
         f"({int(comp['significant'].sum())} before correction). {HOLM_WORDS}", ""]
+    return lines + _md_comparison_tables(comp, alpha, "###")
+
+
+STAGES_TITLE = "Comparisons at the end of a stage"
+
+
+def _md_stage_comparisons(stage_comp: pd.DataFrame, stages: list[str], alpha: float) -> list[str]:
+    """The study's `compare_stages`: per stage, the paired comparisons of its end-of-stage evaluations."""
+    lines = [f"## {STAGES_TITLE}", "",
+             "The same comparisons and tests as above, on each named stage's end-of-stage evaluation (its "
+             "`eval/` and, where the stage reads its model against its reference, `against-reference/`), over "
+             "the runs that have that stage. Holm families: the comparisons at the end of each stage are a family "
+             "of their own, apart from the final ones (Paired comparisons) and from the zero-shot ones.", ""]
+    for stage in stages:
+        g = stage_comp[stage_comp["stage"] == stage] if not stage_comp.empty else stage_comp
+        lines += [f"### At the end of stage {stage}", ""]
+        if g.empty:
+            lines += ["No axis (other than seed and task) has two or more values among the runs with this stage.", ""]
+            continue
+        lines += [f"{int(g['p_value'].notna().sum())} tests at alpha = {alpha}, Holm-corrected over this stage's: "
+                  f"{int(g['significant_holm'].sum())} significant ({int(g['significant'].sum())} before correction).",
+                  ""]
+        lines += _md_comparison_tables(g, alpha, "####")
+    return lines
+
+
+def _md_comparison_tables(comp: pd.DataFrame, alpha: float, heading: str) -> list[str]:
+    """One table per axis of a family of comparisons."""
+    lines = []
     has_task = comp["task"].notna().any()
     for axis, g in comp.groupby("axis", sort=False):
-        lines += [f"### {axis}", ""]
+        lines += [f"{heading} {axis}", ""]
         rows = []
         for _, r in g.iterrows():
             verdict = _verdict(r, alpha)
@@ -288,6 +330,7 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         df = add_win_rates(df, study_dir, versus)
     if isinstance(study.get("metrics"), list):
         df.attrs["compare_metrics"] = [str(m) for m in study["metrics"]]
+    stages = [str(x) for x in study["compare_stages"]] if isinstance(study.get("compare_stages"), list) else []
     incomplete = df.attrs["incomplete"]
     atomic_write_text(out / "runs.csv", df.to_csv(index=False))
 
@@ -311,13 +354,17 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         evals = evaluations(df, study_dir)
         comp = paired_comparisons(df, alpha=alpha, evals=evals)
         base = baseline_comparisons(df, study_dir, alpha=alpha, evals=evals)
-        for name, table in (("comparisons.csv", comp), ("baselines.csv", base)):
+        stage_comp = stage_comparisons(df, study_dir, stages, alpha=alpha)
+        for name, table in (("comparisons.csv", comp), ("baselines.csv", base)) + (
+                (("stage_comparisons.csv", stage_comp),) if stages else ()):
             atomic_write_text(out / name, table.to_csv(index=False))
         summary = summary_table(df)
         comp = with_effects(comp, study.get("effects"))
-        lines += _md_findings(comp, alpha)
+        stage_comp = with_effects(stage_comp, study.get("effects"))
+        lines += _md_findings(comp, alpha, stage_comp)
         lines += _md_main_tables(df, summary)
         lines += _md_comparisons(comp, alpha)
+        lines += _md_stage_comparisons(stage_comp, stages, alpha) if stages else []
         lines += _md_baselines(base, alpha)
         lines += ["## Plots", ""]
         for name, make in plots.figures(df, study_dir, comp).items():

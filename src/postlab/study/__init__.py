@@ -21,6 +21,7 @@ A study file (``studies/*.yaml``)::
     win_rate_vs: {method: teacher}   # optional; the report adds win_rate_vs_teacher (see postlab.report.results)
     metrics: [dev_loss, chrf]        # optional; the metrics compared (default: each task's primary ones)
     effects: {dev_loss: 0.02}        # optional; the smallest difference worth finding: the plan says what cannot find it
+    compare_stages: [sft]            # optional; also compare the arms at the end of these stages (postlab.report.stages)
     exclude:                         # partial assignments: drop every run that matches one
       - {task: sonnets, optim.lr: 1.0e-5}
     include:                         # partial assignments: add back every run that matches one

@@ -78,6 +78,9 @@ class StudyFile(BaseModel):
     overrides: list[Override] = []
     win_rate_vs: dict[str, Any] | None = Field(None, min_length=1)  # read by the report (postlab.report.results.add_win_rates)
     metrics: list[str] | None = Field(None, min_length=1)  # read by the report and the planner
+    # Stages whose end-of-stage evaluation is compared too (e.g. [sft]: the models after SFT, before
+    # the DPO stage that ends the run), each a Holm family of its own; read by the report and the planner.
+    compare_stages: list[str] | None = Field(None, min_length=1)
     # The smallest difference worth finding, per metric (e.g. {accuracy: 0.02, chrf: 1.0}): the planner
     # says in words where the design cannot detect it, and how many seeds would.
     effects: dict[str, Annotated[float, Field(gt=0)]] | None = None
@@ -152,6 +155,7 @@ class Study:
     metrics: list[str] | None = None  # the metrics the report compares (default: each task's primary ones)
     effects: dict[str, float] | None = None  # the smallest difference worth finding, per metric
     win_rate_vs: dict[str, Any] | None = None  # the report's win_rate_vs_<values> metric
+    compare_stages: list[str] | None = None  # stages whose end-of-stage evaluations the report compares too
 
     def default_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.path.stem
@@ -187,4 +191,4 @@ def load_study(path: str | Path) -> Study:
     overrides = [(_assignment(o.when, axes, f"{where}: overrides[{i}].when", new_ok=False), o.set)
                  for i, o in enumerate(f.overrides)]
     return Study(path, path.read_text(encoding="utf-8"), str(f.name or path.stem), f.description, f.output_dir, f.base,
-                 axes, exclude, include, overrides, f.metrics, f.effects, f.win_rate_vs)
+                 axes, exclude, include, overrides, f.metrics, f.effects, f.win_rate_vs, f.compare_stages)

@@ -128,6 +128,7 @@ def plan(study: Study) -> list[PlannedRun]:
         raise ConfigError(f"study {study.path}: {len(errors)} of {len(assignments)} run(s) have invalid "
                           f"configs:\n" + "\n".join(_grouped_errors(errors)))
     _check_by_stage(study, runs)
+    _check_compare_stages(study, runs)
     for i, (when, _) in enumerate(study.overrides):
         if not any(_matches(a, when) for a in assignments):
             raise ConfigError(f"study {study.path}: overrides[{i}].when {when} matches no run")
@@ -181,3 +182,12 @@ def _check_by_stage(study: Study, runs: list[PlannedRun]) -> None:
                 if users and not any(s.name == str(sname) for r in users for s in r.config.stages):
                     raise ConfigError(f"study {study.path}: axes.{axis.name}.{vname}.by_stage: no run with this "
                                       f"variant has a stage named {sname!r}")
+
+
+def _check_compare_stages(study: Study, runs: list[PlannedRun]) -> None:
+    """Each stage the report is to compare is a stage of some run (runs without it are left out of its table)."""
+    names = list(dict.fromkeys(s.name for r in runs for s in r.config.stages))
+    for name in study.compare_stages or []:
+        if name not in names:
+            raise ConfigError(f"study {study.path}: compare_stages: no run has a stage named {name!r} (stages: "
+                              f"{', '.join(names)})")
