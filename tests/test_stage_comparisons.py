@@ -113,6 +113,23 @@ def test_report_compares_a_named_stage_in_a_holm_family_of_its_own(staged_study)
     assert "On paraphrase, fft falls behind lora-r8: higher ref_kl by" in finding  # lower KL counts as better
 
 
+def test_comparing_the_stage_that_ends_every_run_repeats_the_final_comparisons(staged_study):
+    """At the end of dpo, every run's last stage, the stage table is the final one: same tests on the
+    same per-example files (against-reference/ included), the same Holm family."""
+    from postlab.report.comparisons import paired_comparisons
+    from postlab.report.results import load_runs
+    from postlab.report.stages import stage_comparisons
+
+    root, _ = staged_study
+    df = load_runs(root)
+    df.attrs["compare_metrics"] = ["accuracy", "dev_loss", "ref_kl"]
+    final = paired_comparisons(df, study_dir=root)
+    staged = stage_comparisons(df, root, ["dpo"])
+    assert set(staged["stage"]) == {"dpo"} and len(staged) == len(final) == 9
+    cols = ["a", "b", "metric", "n_examples", "mean_diff", "p_value", "p_holm", "test"]
+    pd.testing.assert_frame_equal(staged[cols].reset_index(drop=True), final[cols].reset_index(drop=True))
+
+
 def test_a_study_without_compare_stages_writes_no_stage_table(staged_study):
     from postlab.report import write_report
 
