@@ -32,42 +32,56 @@ def runs(name: str) -> dict[tuple, object]:
     return out
 
 
-def main() -> int:
-    lr, obj, after, expo = (runs(n) for n in ("lr-reduction", "sft-objectives", "sft-objectives-after-sft", "expo"))
-    problems, checked = [], 0
+class Checker:
+    """Compares stage keys and collects the mismatches."""
 
-    def same(what: str, a, b, i: int, trained: bool = False) -> None:
-        nonlocal checked
-        checked += 1
+    def __init__(self):
+        self.problems: list[str] = []
+        self.checked = 0
+
+    def same(self, what: str, a, b, i: int, trained: bool = False) -> None:
+        self.checked += 1
         if a.stage_key(i, trained=trained) != b.stage_key(i, trained=trained):
-            problems.append(f"{what}: stage {i} ({a.stages[i].name}) differs")
+            self.problems.append(f"{what}: stage {i} ({a.stages[i].name}) differs")
 
+    def missing(self, what: str) -> None:
+        self.problems.append(what)
+
+
+def check_eta_arm(c: Checker, lr: dict, obj: dict, expo: dict) -> None:
+    """lr-reduction's eta arm against sft-objectives' nll arm and every ExPO run of the same task and seed."""
     for (task, arm, seed), cfg in lr.items():
         if arm != "eta":
             continue
         nll = obj.get((task, "nll", seed))
         if nll is None:
-            problems.append(f"sft-objectives has no nll run for {task}, seed {seed}")
+            c.missing(f"sft-objectives has no nll run for {task}, seed {seed}")
         else:
             for i in (0, 1):
-                same(f"lr-reduction eta vs sft-objectives nll ({task}, seed {seed})", cfg, nll, i)
+                c.same(f"lr-reduction eta vs sft-objectives nll ({task}, seed {seed})", cfg, nll, i)
         for (t, lam, s), e in expo.items():
             if (t, s) != (task, seed):
                 continue
-            same(f"lr-reduction eta vs expo lambda={lam} ({task}, seed {seed})", cfg, e, 0)
-            same(f"lr-reduction eta vs expo lambda={lam} ({task}, seed {seed}), DPO training", cfg, e, 1, trained=True)
+            what = f"lr-reduction eta vs expo lambda={lam} ({task}, seed {seed})"
+            c.same(what, cfg, e, 0)
+            c.same(what + ", DPO training", cfg, e, 1, trained=True)
             if e.stages[1].expo_lambda == cfg.stages[1].expo_lambda:
-                same(f"lr-reduction eta vs expo lambda={lam} ({task}, seed {seed})", cfg, e, 1)
+                c.same(what, cfg, e, 1)
+
+
+def main() -> int:
+    lr, obj, after, expo = (runs(n) for n in ("lr-reduction", "sft-objectives", "sft-objectives-after-sft", "expo"))
+    c = Checker()
+    check_eta_arm(c, lr, obj, expo)
     for key, cfg in obj.items():
-        a = after.get(key)
-        if a is None:
-            problems.append(f"sft-objectives-after-sft has no run for {key}")
+        if key not in after:
+            c.missing(f"sft-objectives-after-sft has no run for {key}")
         else:
-            same(f"sft-objectives vs sft-objectives-after-sft {key}", cfg, a, 0)
-    for p in problems:
+            c.same(f"sft-objectives vs sft-objectives-after-sft {key}", cfg, after[key], 0)
+    for p in c.problems:
         print("MISMATCH", p)
-    print(f"{checked} shared stages checked, {len(problems)} problem(s)")
-    return 1 if problems else 0
+    print(f"{c.checked} shared stages checked, {len(c.problems)} problem(s)")
+    return 1 if c.problems else 0
 
 
 if __name__ == "__main__":
