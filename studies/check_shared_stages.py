@@ -8,7 +8,6 @@ differ only in expo_lambda (stage_key(i, trained=True)). Editing one study's set
 other's silently turns a copy into a retraining; this checks every intended share:
 
 - sft-objectives' nll arm is lr-reduction's eta arm (both stages);
-- sft-objectives-after-sft's runs are sft-objectives' SFT stages;
 - expo's runs share lr-reduction's eta-arm SFT stage, and its DPO training (lambda = 1: the whole run).
 Exit status 1 and the mismatches listed where a share is broken.
 """
@@ -70,14 +69,9 @@ def check_eta_arm(c: Checker, lr: dict, obj: dict, expo: dict) -> None:
 
 
 def main() -> int:
-    lr, obj, after, expo = (runs(n) for n in ("lr-reduction", "sft-objectives", "sft-objectives-after-sft", "expo"))
+    lr, obj, expo = (runs(n) for n in ("lr-reduction", "sft-objectives", "expo"))
     c = Checker()
     check_eta_arm(c, lr, obj, expo)
-    for key, cfg in obj.items():
-        if key not in after:
-            c.missing(f"sft-objectives-after-sft has no run for {key}")
-        else:
-            c.same(f"sft-objectives vs sft-objectives-after-sft {key}", cfg, after[key], 0)
     for p in c.problems:
         print("MISMATCH", p)
     print(f"{c.checked} shared stages checked, {len(c.problems)} problem(s)")
